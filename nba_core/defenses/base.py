@@ -1,0 +1,94 @@
+"""The defense interface: suspect model + clean subset + config in; cleaned model, log and timings out.
+
+Every defense is a class with a `Config` dataclass of defaults (validated overrides come from the CLI/API
+`params`), and a `run` that reports progress and honours cancellation through the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..data.imageset import ImageSet
+from ..errors import INVALID_PARAMS, NBAError
+from ..models.base import SpecModel
+from ..spec import ModelSpec
+from ..train import CancelFn, ProgressFn, never_cancel, no_progress
+
+
+@dataclass
+class DefenseContext:
+    spec: ModelSpec
+    device: torch.device
+    generator: torch.Generator
+    seed: int = 0
+    progress: ProgressFn = no_progress
+    should_cancel: CancelFn = never_cancel
+    hflip: bool = False  # whether horizontal flips preserve labels for this data (colour natural images: yes)
+
+
+@dataclass
+class DefenseResult:
+    model: SpecModel
+    log: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class StageTimer:
+    """Accumulates wall time per named stage: `with timer('teacher'): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+class Defense:
+    name: ClassVar[str] = "defense"
+    Config: ClassVar[type] = type("Config", (), {})
+
+    def __init__(self, **params: Any):
+        self.config = self.make_config(params)
+
+    @classmethod
+    def make_config(cls, params: dict[str, Any]):
+        """Build the Config, rejecting unknown keys and values of the wrong type with INVALID_PARAMS."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise NBAError(INVALID_PARAMS, f"unknown parameter(s) for {cls.name}: {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(fields))}", http_status=422)
+        defaults = cls.Config()
+        clean: dict[str, Any] = {}
+        for key, value in params.items():
+            expected = type(getattr(defaults, key))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if expected in (list, tuple) and isinstance(value, (list, tuple)):
+                value = expected(value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise NBAError(INVALID_PARAMS, f"{cls.name}.{key} must be {expected.__name__}, got {value!r}")
+            clean[key] = value
+        return dataclasses.replace(defaults, **clean)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls.Config())
+
+    def run(self, model: SpecModel, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        raise NotImplementedError

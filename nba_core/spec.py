@@ -1,0 +1,93 @@
+"""The model spec: a small JSON document that travels with every checkpoint and says how to build the network.
+
+Torch-free on purpose: the API validates specs (schema, known architecture) without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import NBAError, SPEC_INVALID, UNKNOWN_ARCHITECTURE
+
+# Architecture names known to the registry in nba_core.models (a test keeps the two in sync).
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", "preact_resnet18", "wrn16", "vgg11_bn", "mobilenetv2")
+
+MAX_SPEC_BYTES = 64 * 1024
+
+
+class ModelSpec(BaseModel):
+    """How to build a network: architecture, classes, input geometry and normalisation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str
+    num_classes: int = Field(ge=2, le=1000)
+    in_channels: int = Field(ge=1, le=4)
+    input_size: tuple[int, int] = Field(description="(height, width) in pixels")
+    mean: tuple[float, ...] = Field(description="per-channel mean subtracted after scaling pixels to [0, 1]")
+    std: tuple[float, ...] = Field(description="per-channel std divided after subtracting the mean")
+    arch_params: dict[str, Any] = Field(default_factory=dict, description="e.g. {'widen_factor': 2} for wrn16")
+    spec_version: int = 1
+
+    @field_validator("input_size")
+    @classmethod
+    def _sane_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not all(4 <= s <= 512 for s in v):
+            raise ValueError("input_size entries must be between 4 and 512 pixels")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError("std entries must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> "ModelSpec":
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError("mean and std must have one entry per input channel")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def parse_spec(source: str | bytes | dict) -> ModelSpec:
+    """Parse and validate a spec from JSON text/bytes or a dict; unknown architectures get their own code."""
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) > MAX_SPEC_BYTES:
+            raise NBAError(SPEC_INVALID, f"spec is larger than {MAX_SPEC_BYTES} bytes")
+        try:
+            source = source.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NBAError(SPEC_INVALID, "spec is not UTF-8 JSON") from e
+    if isinstance(source, str):
+        try:
+            source = json.loads(source)
+        except json.JSONDecodeError as e:
+            raise NBAError(SPEC_INVALID, f"spec is not valid JSON: {e}") from e
+    if not isinstance(source, dict):
+        raise NBAError(SPEC_INVALID, "spec must be a JSON object")
+    arch = source.get("arch")
+    if isinstance(arch, str) and arch not in ARCHITECTURES:
+        raise NBAError(
+            UNKNOWN_ARCHITECTURE,
+            f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}",
+        )
+    try:
+        return ModelSpec.model_validate(source)
+    except ValidationError as e:
+        details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
+        raise NBAError(SPEC_INVALID, details) from e
+
+
+def load_spec(path: str) -> ModelSpec:
+    try:
+        with open(path, "rb") as f:
+            return parse_spec(f.read(MAX_SPEC_BYTES + 1))
+    except OSError as e:
+        raise NBAError(SPEC_INVALID, f"cannot read spec {path}: {e.strerror}") from e

@@ -1,0 +1,159 @@
+"""Small, device-resident training and inference loops shared by attacks, defenses and metrics.
+
+The whole (small) dataset lives on the device as one tensor; batches are index slices, augmentation is batched
+on the device (no DataLoader, no host round trips) -- the airbench way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import autocast, to_device
+from .errors import Cancelled
+
+ProgressFn = Callable[[str, float], None]
+CancelFn = Callable[[], bool]
+
+
+def no_progress(stage: str, fraction: float) -> None:  # default callback
+    pass
+
+
+def never_cancel() -> bool:
+    return False
+
+
+def augment(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random integer translation by up to ±shift pixels (zero fill) and optional horizontal flip, batched."""
+    if shift <= 0 and not hflip:
+        return x
+    n = x.shape[0]
+    out = x
+    if shift > 0:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (shift, shift, shift, shift))
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).to(x.device)
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # n×h
+        cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # n×w
+        c = x.shape[1]
+        idx_r = rows.view(n, 1, h, 1).expand(n, c, h, padded.shape[-1])
+        out = padded.gather(2, idx_r)
+        idx_c = cols.view(n, 1, 1, w).expand(n, c, h, w)
+        out = out.gather(3, idx_c)
+    if hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    shift: int = 0
+    hflip: bool = False
+    schedule: str = "cosine"  # cosine | step | constant
+    label_smoothing: float = 0.0
+
+
+def make_optimizer(params, cfg: TrainConfig, steps: int):
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    elif cfg.schedule == "step":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** int(s >= steps * 0.5) * 0.1 ** int(s >= steps * 0.75))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def iterate_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False):
+    perm = torch.randperm(n, generator=generator)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    generator: torch.Generator,
+    extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+    stage: str = "train",
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Train `model` in place with SGD on device tensors x (N×C×H×W in [0,1]) and y.
+
+    extra_loss(model, xb, yb, logits) adds a term (distillation, regularisers); returns per-epoch logs.
+    """
+    device = x.device
+    steps_per_epoch = max(1, math.ceil(len(y) / cfg.batch_size))
+    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, cfg.epochs * steps_per_epoch)
+    log = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for idx in iterate_batches(len(y), cfg.batch_size, generator):
+            if should_cancel():
+                raise Cancelled()
+            idx = idx.to(device)
+            xb = augment(x[idx], shift=cfg.shift, hflip=cfg.hflip, generator=generator)
+            yb = y[idx]
+            with autocast(device):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, xb, yb, logits)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            total += len(idx)
+        log.append({"stage": stage, "epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+        progress(stage, (epoch + 1) / cfg.epochs)
+    model.eval()
+    return log
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch_size):
+        with autocast(x.device):
+            outs.append(model(x[i : i + batch_size]).float())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def predict(model: nn.Module, x, device: torch.device | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels for a numpy array or tensor of images."""
+    if device is None:
+        device = next(model.parameters()).device
+    xt = to_device(x, device)
+    return predict_logits(model, xt, batch_size).argmax(1)
+
+
+def accuracy(model: nn.Module, x, y, device: torch.device | None = None) -> float:
+    if len(y) == 0:
+        return float("nan")
+    pred = predict(model, x, device)
+    return float((pred.cpu() == torch.as_tensor(y).cpu()).float().mean())
