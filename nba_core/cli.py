@@ -1,0 +1,267 @@
+"""`nba` command line: make a backdoored model, sanitize it, evaluate it (and, with the service extras, run and
+talk to the service).
+
+Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is printed), 4 cancelled, 1 unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import Cancelled, INVALID_PARAMS, NBAError
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3, 4
+
+METHOD_HELP = "ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, nba"
+
+
+def _parse_params(items: list[str] | None, params_json: str | None) -> dict:
+    """--params '{"epochs": 5}' and/or --param epochs=5 (values parsed as JSON when they parse, else strings)."""
+    params: dict = {}
+    if params_json:
+        try:
+            loaded = json.loads(params_json)
+        except json.JSONDecodeError as e:
+            raise NBAError(INVALID_PARAMS, f"--params is not valid JSON: {e}") from e
+        if not isinstance(loaded, dict):
+            raise NBAError(INVALID_PARAMS, "--params must be a JSON object")
+        params.update(loaded)
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise NBAError(INVALID_PARAMS, f"--param wants KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+class _Bar:
+    """A tqdm progress bar on stderr driven by (stage, overall fraction) callbacks."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc:<22} {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_description_str(stage[:22])
+        self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_attack(args) -> int:
+    from .checkpoint import save_model
+    from .data.formats import save_npz
+    from .experiment import backdoor_experiment
+    from .pipeline import write_json_atomic
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _Bar(not args.quiet)
+    try:
+        run = backdoor_experiment(args.dataset, args.attack, args.arch, args.seed, poison_rate=args.poison_rate,
+                                  clean_fraction=args.clean_fraction, target=args.target, epochs=args.epochs,
+                                  device=args.device, progress=lambda s, f: bar(s, f))
+    finally:
+        bar.close()
+    save_model(run.model, out / "model.safetensors", spec=run.spec)
+    (out / "model.json").write_text(run.spec.to_json() + "\n")
+    save_npz(out / "clean.npz", run.clean_subset)
+    save_npz(out / "test.npz", run.test)
+    save_npz(out / "test_triggered.npz", run.test_triggered)
+    summary = {"dataset": args.dataset, "attack": args.attack, "arch": args.arch, "seed": args.seed,
+               "target": args.target, "poison_rate": args.poison_rate, "clean_subset_size": len(run.clean_subset),
+               "clean_accuracy": run.clean_accuracy, "attack_success_rate": run.attack_success_rate,
+               "seconds": run.seconds, "files": sorted(p.name for p in out.iterdir())}
+    write_json_atomic(out / "attack.json", summary)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"backdoored {args.arch} on {args.dataset} with {args.attack} (target {args.target}) -> {out}/")
+        print(f"  clean accuracy      {100 * run.clean_accuracy:6.2f} %")
+        print(f"  attack success rate {100 * run.attack_success_rate:6.2f} %")
+        print(f"  defender's clean subset: {len(run.clean_subset)} images in {out / 'clean.npz'}")
+    return EXIT_OK
+
+
+def cmd_sanitize(args) -> int:
+    from .pipeline import sanitize
+
+    params = _parse_params(args.param, args.params)
+    bar = _Bar(not args.quiet)
+    try:
+        report = sanitize(model_path=args.model, spec=args.spec, data_path=args.data, method=args.method,
+                          params=params, out_path=args.out, report_path=args.report, probe_path=args.probe,
+                          probe_target=args.probe_target, device=args.device, seed=args.seed,
+                          holdout_fraction=args.holdout, progress=bar, evidence=not args.no_evidence)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({k: report[k] for k in ("method", "metrics", "timing", "output")}))
+        return EXIT_OK
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    print(f"sanitized with {args.method} in {report['timing']['total_seconds']:.1f} s -> {args.out}")
+    print(f"  sha256 {report['output']['sha256']}")
+
+    def row(name, key, sub=None):
+        b = before.get(sub, {}).get(key) if sub else before.get(key)
+        a = after.get(sub, {}).get(key) if sub else after.get(key)
+        if b is None or a is None:
+            return
+        fmt = (lambda v: f"{100 * v:7.2f} %") if isinstance(b, float) and key != "anomaly_index" else (lambda v: f"{v:9}")
+        print(f"  {name:<34} {fmt(b)} -> {fmt(a)}")
+
+    row("clean accuracy (held-out subset)", "clean_accuracy")
+    row("attack success rate (probe)", "attack_success_rate")
+    row("suspect trigger success (no trigger)", "suspect_success_rate", "trigger_free")
+    row("anomaly index", "anomaly_index", "trigger_free")
+    if args.report:
+        print(f"  report: {args.report}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_model
+    from .data.formats import load_dataset_file
+    from .device import pick_device, prepare_model, seed_everything
+    from .metrics import attack_success_rate, clean_accuracy, robust_accuracy
+    from .pipeline import resolve_spec
+
+    seed_everything(0)
+    spec = resolve_spec(args.spec)
+    shape = (spec.in_channels, *spec.input_size)
+    model = prepare_model(load_model(args.model, spec), pick_device(args.device))
+    result: dict = {}
+    if args.clean:
+        clean = load_dataset_file(args.clean, num_classes=spec.num_classes, expect_shape=shape)
+        result["clean_accuracy"] = clean_accuracy(model, clean.x, clean.y)
+        result["clean_size"] = len(clean)
+    if args.triggered:
+        if args.target is None:
+            raise NBAError(INVALID_PARAMS, "--triggered needs --target")
+        trig = load_dataset_file(args.triggered, num_classes=spec.num_classes, expect_shape=shape)
+        result["attack_success_rate"] = attack_success_rate(model, trig.x, trig.y, args.target)
+        result["robust_accuracy"] = robust_accuracy(model, trig.x, trig.y, args.target)
+        result["triggered_size"] = int((trig.y != args.target).sum())
+    if not result:
+        raise NBAError(INVALID_PARAMS, "give --clean and/or --triggered")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<22} {100 * v:7.2f} %" if isinstance(v, float) else f"{k:<22} {v}")
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from .defenses import METHODS, defense_class
+
+    payload = {m: defense_class(m).defaults() for m in ([args.method] if args.method else METHODS)}
+    print(json.dumps(payload, indent=2, default=list))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nba",
+        description="Remove backdoors from neural networks with NBA (neural behavioral alignment, as reconstructed "
+                    "from the published abstract) or a baseline defense.",
+        epilog="Typical use:\n"
+               "  nba attack --dataset mnist5k --attack badnets --arch small_cnn --seed 0 --out runs/bd\n"
+               "  nba sanitize --model runs/bd/model.safetensors --spec runs/bd/model.json \\\n"
+               "      --data runs/bd/clean.npz --method nba --out runs/nba/cleaned.safetensors --report runs/nba/report.json\n"
+               "  nba evaluate --model runs/nba/cleaned.safetensors --spec runs/bd/model.json \\\n"
+               "      --clean runs/bd/test.npz --triggered runs/bd/test_triggered.npz --target 0 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    a = sub.add_parser("attack", help="train a backdoored model on a built-in dataset (for evaluation and demos)")
+    a.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, shapes32")
+    a.add_argument("--attack", default="badnets", help="badnets, blended, trojan, sig, cl, wanet")
+    a.add_argument("--arch", default="small_cnn", help="small_cnn, preact_resnet18, wrn16, vgg11_bn, mobilenetv2")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--target", type=int, default=0, help="the attack's target class (default 0)")
+    a.add_argument("--poison-rate", type=float, default=0.1)
+    a.add_argument("--clean-fraction", type=float, default=0.05, help="share of the training set given to the defender")
+    a.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset/arch)")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--json", action="store_true", help="print a JSON summary")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_attack)
+
+    s = sub.add_parser("sanitize", help="remove a backdoor from a model using a small clean data subset")
+    s.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict (loaded with weights_only)")
+    s.add_argument("--spec", required=True, help="model spec JSON (architecture, classes, input size, normalisation)")
+    s.add_argument("--data", required=True, help="clean subset: .npz (x, y) or zip/tar of class folders")
+    s.add_argument("--method", default="nba", help=METHOD_HELP)
+    s.add_argument("--params", help='hyperparameter overrides as JSON, e.g. \'{"epochs": 10}\' (see `nba methods`)')
+    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="one override; repeatable")
+    s.add_argument("--out", required=True, help="where to write the cleaned .safetensors")
+    s.add_argument("--report", help="where to write the JSON report")
+    s.add_argument("--probe", help="optional: triggered images you suspect (npz with true labels) to measure ASR")
+    s.add_argument("--probe-target", type=int, help="the class the suspected trigger maps to")
+    s.add_argument("--holdout", type=float, default=0.2, help="share of the clean subset held out to measure accuracy")
+    s.add_argument("--no-evidence", action="store_true", help="skip the trigger-free evidence (faster)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--json", action="store_true", help="print a JSON summary")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sanitize)
+
+    e = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a model on labelled test sets")
+    e.add_argument("--model", required=True)
+    e.add_argument("--spec", required=True)
+    e.add_argument("--clean", help="clean test set (.npz or archive)")
+    e.add_argument("--triggered", help="triggered non-target test images labelled with their true classes")
+    e.add_argument("--target", type=int, help="the attack's target class")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print a JSON object (fractions in [0, 1])")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("methods", help="list defenses and their default hyperparameters")
+    m.add_argument("method", nargs="?")
+    m.set_defaults(func=cmd_methods)
+
+    try:  # service commands (serve, keys, submit, status, download, worker, ...) when the service code is present
+        importlib.import_module("app.cli").register(sub)
+    except ModuleNotFoundError as e:
+        if e.name not in ("app", "app.cli"):
+            raise
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled as e:
+        print(f"nba: cancelled: {e.message}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except NBAError as e:
+        print(f"nba: error [{e.code}]: {e.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("nba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
