@@ -48,3 +48,7 @@ INVALID_PARAMS = "invalid_params"
 UNKNOWN_METHOD = "unknown_method"
 UNKNOWN_DATASET = "unknown_dataset"
 UNKNOWN_ATTACK = "unknown_attack"
+TOO_MANY_ATTEMPTS = "too_many_attempts"  # service: a job's worker died max_attempts times
+INTERNAL_ERROR = "internal_error"  # service: an unexpected exception (details only in the worker log)
+TIME_LIMIT_EXCEEDED = "time_limit_exceeded"  # service: a job ran past JOB_SOFT_TIME_LIMIT
+ATTACK_NOT_PREPARED = "attack_not_prepared"

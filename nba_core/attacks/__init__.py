@@ -5,19 +5,20 @@ from __future__ import annotations
 from ..errors import NBAError, UNKNOWN_ATTACK, INVALID_PARAMS
 from .base import Attack
 from .badnets import BadNets
+from .blended import Blended
+from .trojan import Trojan
+from .sig import SIG
+from .label_consistent import LabelConsistent
+from .wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {"badnets": BadNets}
-
-try:  # the other five attacks live in their own modules
-    from .blended import Blended
-    from .trojan import Trojan
-    from .sig import SIG
-    from .label_consistent import LabelConsistent
-    from .wanet import WaNet
-
-    ATTACKS.update({"blended": Blended, "trojan": Trojan, "sig": SIG, "cl": LabelConsistent, "wanet": WaNet})
-except ImportError:  # while they are being written
-    pass
+ATTACKS: dict[str, type[Attack]] = {
+    "badnets": BadNets,
+    "blended": Blended,
+    "trojan": Trojan,
+    "sig": SIG,
+    "cl": LabelConsistent,
+    "wanet": WaNet,
+}
 
 
 def get_attack(name: str, **params) -> Attack:

@@ -19,13 +19,11 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 
 def _register_optional() -> None:
     # The larger architectures live in their own modules; imported here so the registry is complete.
-    try:
-        from .preact_resnet import PreActResNet18
-        from .wrn import WideResNet16
-        from .vgg import VGG11BN
-        from .mobilenetv2 import MobileNetV2
-    except ImportError:  # while they are being written
-        return
+    from .preact_resnet import PreActResNet18
+    from .wrn import WideResNet16
+    from .vgg import VGG11BN
+    from .mobilenetv2 import MobileNetV2
+
     REGISTRY.update(
         {"preact_resnet18": PreActResNet18, "wrn16": WideResNet16, "vgg11_bn": VGG11BN, "mobilenetv2": MobileNetV2}
     )

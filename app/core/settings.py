@@ -1,0 +1,94 @@
+"""Service settings from the environment (prefix NBA_), with embedded defaults that need no servers.
+
+With nothing set, everything lives under DATA_DIR: SQLite database, filesystem broker and local artifact store,
+so `nba serve` works on a laptop; production points DATABASE_URL/BROKER_URL/STORAGE_URL at Postgres/Redis/S3.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NBA_", extra="ignore")
+
+    data_dir: Path = Path("./.nba")
+    # None means "derive the embedded default from data_dir" (filled in by _fill_defaults).
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+
+    # S3 (only used when storage_url is s3://bucket/prefix); unset values fall back to boto3's own lookup.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    max_model_bytes: int = Field(default=2 * GIB, gt=0)
+    max_dataset_bytes: int = Field(default=2 * GIB, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    job_soft_time_limit: int = Field(default=3600, gt=0)
+    job_hard_time_limit: int = Field(default=3900, gt=0)
+    # Redis redelivers unacked tasks after this many seconds: it must outlast the hard time limit, or a
+    # long-running job would be handed to a second worker while the first is still on it.
+    visibility_timeout: int = Field(default=4200, gt=0)
+    sweep_interval: int = Field(default=60, gt=0)
+    sweep_stale_after: int = Field(default=300, gt=0)
+    heartbeat_interval: float = Field(default=0.5, gt=0)
+    device: str = "auto"
+    # Enables /v1/_debug/* endpoints (tests use them to inspect the server process).
+    debug: bool = False
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "Settings":
+        if self.job_soft_time_limit >= self.job_hard_time_limit:
+            raise ValueError("JOB_SOFT_TIME_LIMIT must be smaller than JOB_HARD_TIME_LIMIT")
+        if self.visibility_timeout <= self.job_hard_time_limit:
+            raise ValueError("VISIBILITY_TIMEOUT must be greater than JOB_HARD_TIME_LIMIT")
+        root = self.data_dir.expanduser().absolute()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{root / 'nba.db'}"
+        if self.broker_url is None:
+            self.broker_url = "filesystem://"
+        if self.storage_url is None:
+            self.storage_url = f"file://{root / 'artifacts'}"
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return str(self.broker_url).startswith("filesystem://")
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        """Kombu transport options: folders for the filesystem broker, visibility timeout for Redis/SQS."""
+        if self.embedded_broker:
+            folder = self.data_dir.expanduser().absolute() / "broker"
+            return {
+                "data_folder_in": str(folder / "queue"),
+                "data_folder_out": str(folder / "queue"),
+                "processed_folder": str(folder / "processed"),
+                "store_processed": False,
+            }
+        return {"visibility_timeout": self.visibility_timeout}
+
+    def ensure_dirs(self) -> None:
+        """Create the local folders the embedded defaults need (no-op for server-backed URLs)."""
+        root = self.data_dir.expanduser().absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            for key in ("data_folder_in", "processed_folder"):
+                Path(self.broker_transport_options()[key]).mkdir(parents=True, exist_ok=True)
+        if str(self.storage_url).startswith("file://"):
+            Path(str(self.storage_url)[len("file://"):]).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings read once from the environment (tests build their own Settings instead)."""
+    return Settings()

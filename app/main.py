@@ -1,0 +1,55 @@
+"""FastAPI app factory: `uvicorn --factory app.main:create_app` (or `nba serve`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fastapi import FastAPI
+
+from app.api import routes_artifacts, routes_health, routes_jobs
+from app.api.deps import ServiceState
+from app.api.errors import install_error_handlers
+from app.core.db import session_factory
+from app.core.settings import Settings
+from app.core.storage import store_from_settings
+
+log = logging.getLogger("nba.api")
+
+DESCRIPTION = """Backdoor removal for neural networks, as a service.
+
+Upload a model (`POST /v1/models`) and a clean dataset (`POST /v1/datasets`; a triggered probe set with
+`POST /v1/probes` or `kind=probe`), start a job (`POST /v1/jobs`), poll it (`GET /v1/jobs/{id}`), then download the
+cleaned model (`GET /v1/jobs/{id}/model`) and the report (`GET /v1/jobs/{id}/report`).
+
+Authenticate with `Authorization: Bearer <key>` (keys are made with `nba keys create OWNER`). Every error is
+`{"error": {"code": "...", "message": "..."}}`.
+"""
+
+
+def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
+    """Send `nba.sanitize(job_id)` through the worker's Celery app configuration (no worker code imported)."""
+    from worker.celery_app import QUEUE, TASK_NAME, make_celery
+
+    celery = make_celery(settings)
+
+    def enqueue(job_id: str) -> None:
+        # retry=False: a dead broker must not stall the request; the sweeper re-sends queued jobs.
+        celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=False)
+
+    return enqueue
+
+
+def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], None] | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.ensure_dirs()
+    app = FastAPI(title="NBA sanitization service", version="1", description=DESCRIPTION,
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+    app.state.nba = ServiceState(settings=settings, sessions=session_factory(settings),
+                                 store=store_from_settings(settings),
+                                 enqueue=enqueue or celery_enqueuer(settings))
+    install_error_handlers(app)
+    app.include_router(routes_health.router)
+    app.include_router(routes_artifacts.router)
+    app.include_router(routes_jobs.router)
+    return app

@@ -1,0 +1,74 @@
+"""Shared benchmark plumbing: provenance, JSONL rows with resume, mean ± std aggregation."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from statistics import mean, stdev
+
+OUT_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+def provenance() -> dict:
+    """Which code and which machine produced a result (every committed number carries this)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:
+            return None
+
+    import torch
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(dirty),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+    }
+
+
+class RowLog:
+    """Append-only JSONL of result rows, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, path: Path, key_fields: tuple[str, ...]):
+        self.path = path
+        self.key_fields = key_fields
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        if path.exists():
+            self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def key(self, row: dict) -> tuple:
+        return tuple(row.get(f) for f in self.key_fields)
+
+    def has(self, **fields) -> bool:
+        k = tuple(fields.get(f) for f in self.key_fields)
+        return any(self.key(r) == k for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return mean(values), (stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt_pct(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{100 * m:.1f} ± {100 * s:.1f}"

@@ -1,0 +1,116 @@
+"""The attack × defense quality table (NBA.md §4): one row per (dataset, arch, attack, defense, seed).
+
+Every defense sees the same backdoored model and the same clean subset (5% of the clean training set); metrics are
+measured on the held-out test set. Units (dataset, arch, attack, seed) run in parallel processes, one torch thread
+each, which is the fastest layout for small nets on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from .common import OUT_DIR, RowLog, provenance
+from .report import write_quality_report
+
+ATTACKS = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
+DEFENSES = ("none", "ft", "fp", "nad", "anp", "ibau", "nba")
+SUITES = {
+    "mnist": ("mnist5k", "small_cnn"),
+    "mnist-preact": ("mnist5k", "preact_resnet18"),
+    "shapes-preact": ("shapes32", "preact_resnet18"),
+    "shapes-wrn": ("shapes32", "wrn16"),
+}
+KEY = ("dataset", "arch", "attack", "defense", "seed")
+
+
+def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[str, ...], device: str,
+             threads: int) -> list[dict]:
+    """Backdoor one model, then run every defense on it. Runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from nba_core.defenses import get_defense
+    from nba_core.defenses.base import DefenseContext
+    from nba_core.device import pick_device, seed_everything
+    from nba_core.experiment import backdoor_experiment
+    from nba_core.metrics import defense_effectiveness_rating, evaluate_with_trigger
+
+    t0 = time.perf_counter()
+    run = backdoor_experiment(dataset, attack, arch, seed, device=device)
+    attack_seconds = time.perf_counter() - t0
+    test, trig, target = run.test, run.test_triggered, run.attack.target
+    before = evaluate_with_trigger(run.model, test.x, test.y, trig.x, trig.y, target)
+    rows = []
+    for name in defenses:
+        base = {"dataset": dataset, "arch": arch, "attack": attack, "defense": name, "seed": seed,
+                "ca_before": before["clean_accuracy"], "asr_before": before["attack_success_rate"],
+                "ra_before": before["robust_accuracy"], "attack_train_seconds": attack_seconds,
+                "clean_subset_size": len(run.clean_subset)}
+        if name == "none":
+            after, seconds, stages = before, 0.0, {}
+        else:
+            dev = pick_device(device)
+            ctx = DefenseContext(spec=run.spec, device=dev, generator=seed_everything(seed), seed=seed,
+                                 hflip=run.spec.in_channels == 3)
+            t1 = time.perf_counter()
+            result = get_defense(name).run(run.model, run.clean_subset, ctx)
+            seconds = time.perf_counter() - t1
+            stages = result.stage_seconds
+            after = evaluate_with_trigger(result.model, test.x, test.y, trig.x, trig.y, target)
+        rows.append(base | {
+            "ca_after": after["clean_accuracy"], "asr_after": after["attack_success_rate"],
+            "ra_after": after["robust_accuracy"],
+            "der": defense_effectiveness_rating(before["clean_accuracy"], before["attack_success_rate"],
+                                                after["clean_accuracy"], after["attack_success_rate"]),
+            "seconds": seconds, "stage_seconds": stages,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Regenerate the attack × defense quality table.")
+    p.add_argument("--suite", choices=sorted(SUITES), default="mnist")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    p.add_argument("--defenses", nargs="+", default=list(DEFENSES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fresh", action="store_true", help="ignore rows from an earlier (interrupted) run")
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    args = p.parse_args(argv)
+
+    dataset, arch = SUITES[args.suite]
+    stem = f"quality_{dataset}_{arch}"
+    rows_path = args.out / f"{stem}.jsonl"
+    if args.fresh and rows_path.exists():
+        rows_path.unlink()
+    log = RowLog(rows_path, KEY)
+    prov = provenance()
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    units = [(a, s) for a in args.attacks for s in args.seeds
+             if not all(log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s) for d in args.defenses)]
+    print(f"{stem}: {len(units)} units to run ({len(log.rows)} rows already there), {args.jobs} processes")
+    t0 = time.perf_counter()
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_unit, dataset, arch, a, s, tuple(args.defenses), args.device, threads): (a, s)
+                   for a, s in units}
+        for fut in as_completed(futures):
+            a, s = futures[fut]
+            for row in fut.result():
+                if not log.has(**{k: row[k] for k in KEY}):
+                    log.add(row | {"commit": prov["commit"]})
+            print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
+    write_quality_report(log.rows, args.out, stem, prov | {"wall_seconds": time.perf_counter() - t0,
+                                                            "suite": args.suite, "jobs": args.jobs})
+    print(f"wrote {args.out / stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Turn benchmark rows into the committed artifacts: JSON (raw rows + provenance), Markdown tables, a PNG."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .common import fmt_pct, mean_std
+
+DEFENSE_ORDER = ("none", "ft", "fp", "nad", "anp", "ibau", "nba")
+ATTACK_ORDER = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
+LABEL = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "anp": "ANP", "ibau": "I-BAU", "nba": "NBA"}
+
+
+def _ordered(values, order):
+    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+
+
+def quality_markdown(rows: list[dict], prov: dict) -> str:
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["attack"], r["defense"])].append(r)
+    attacks = _ordered({r["attack"] for r in rows}, ATTACK_ORDER)
+    defenses = _ordered({r["defense"] for r in rows}, DEFENSE_ORDER)
+    seeds = sorted({r["seed"] for r in rows})
+    ds, arch = rows[0]["dataset"], rows[0]["arch"]
+    lines = [f"# Quality: {ds} × {arch}", "",
+             f"Seeds {seeds}; mean ± std over seeds; percentages. Commit `{prov.get('commit')}`"
+             f"{' (dirty tree)' if prov.get('dirty') else ''}; machine: {prov.get('machine')}; "
+             f"generated {prov.get('when')}" + (f" in {prov['wall_seconds'] / 60:.1f} min" if 'wall_seconds' in prov else "") + ".",
+             "", "Protocol: all-to-one (target 0), 10% poisoning, defender's clean subset = 5% of the clean training "
+             "set; CA on the clean test set, ASR/RA on non-target test images with the trigger; "
+             "DER = (max(0, ΔASR) − max(0, ΔCA) + 1) / 2. Defaults only: nothing is tuned per attack or on the test "
+             "trigger.", ""]
+
+    def table(title: str, cell) -> None:
+        lines.extend([f"## {title}", "", "| attack | " + " | ".join(LABEL.get(d, d) for d in defenses) + " |",
+                      "|---|" + "---|" * len(defenses)])
+        for a in attacks:
+            lines.append(f"| {a} | " + " | ".join(cell(by[(a, d)]) for d in defenses) + " |")
+        lines.append("")
+
+    table("CA after (%)", lambda rs: fmt_pct([r["ca_after"] for r in rs]) if rs else "–")
+    table("ASR after (%)", lambda rs: fmt_pct([r["asr_after"] for r in rs]) if rs else "–")
+    table("RA after (%)", lambda rs: fmt_pct([r["ra_after"] for r in rs]) if rs else "–")
+    table("DER (%)", lambda rs: fmt_pct([r["der"] for r in rs]) if rs and rs[0]["defense"] != "none" else "–")
+    table("Defense wall time (s)", lambda rs: (lambda m, s: f"{m:.1f} ± {s:.1f}")(*mean_std([r["seconds"] for r in rs])) if rs else "–")
+
+    lines.extend(["## Averages across attacks", "",
+                  "Per seed, the mean over attacks; then mean ± std over seeds.", "",
+                  "| defense | CA after | CA drop | ASR after | RA after | DER | seconds |", "|---|---|---|---|---|---|---|"])
+    for d in defenses:
+        stats = averages(rows, d)
+        if not stats:
+            continue
+        lines.append(f"| {LABEL.get(d, d)} | " + " | ".join(
+            fmt_pct(stats[k]) if k != "seconds" else "%.1f ± %.1f" % mean_std(stats[k])
+            for k in ("ca_after", "ca_drop", "asr_after", "ra_after", "der", "seconds")) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def averages(rows: list[dict], defense: str) -> dict[str, list[float]]:
+    """For one defense: per seed, the average over attacks of each metric (so std is across seeds)."""
+    per_seed = defaultdict(list)
+    for r in rows:
+        if r["defense"] == defense:
+            per_seed[r["seed"]].append(r)
+    out = defaultdict(list)
+    for seed, rs in sorted(per_seed.items()):
+        n = len(rs)
+        out["ca_after"].append(sum(r["ca_after"] for r in rs) / n)
+        out["ca_drop"].append(sum(r["ca_before"] - r["ca_after"] for r in rs) / n)
+        out["asr_after"].append(sum(r["asr_after"] for r in rs) / n)
+        out["ra_after"].append(sum(r["ra_after"] for r in rs) / n)
+        out["der"].append(sum(r["der"] for r in rs) / n)
+        out["seconds"].append(sum(r["seconds"] for r in rs) / n)
+    return dict(out)
+
+
+def quality_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = _ordered({r["attack"] for r in rows}, ATTACK_ORDER)
+    defenses = _ordered({r["defense"] for r in rows}, DEFENSE_ORDER)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.8 / len(defenses)
+    for ax, metric, title in ((axes[0], "asr_after", "ASR after defense (%)"), (axes[1], "ca_after", "CA after defense (%)")):
+        for i, d in enumerate(defenses):
+            vals = [100 * mean_std([r[metric] for r in rows if r["attack"] == a and r["defense"] == d])[0] for a in attacks]
+            ax.bar([j + i * width for j in range(len(attacks))], vals, width, label=LABEL.get(d, d))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(attacks))], attacks)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_ylim(bottom=max(0, min(100 * r["ca_after"] for r in rows) - 5))
+    axes[0].legend(ncol=4, fontsize=8)
+    fig.suptitle(f"{rows[0]['dataset']} × {rows[0]['arch']} (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_quality_report(rows: list[dict], out_dir: Path, stem: str, prov: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = lambda r: (ATTACK_ORDER.index(r["attack"]) if r["attack"] in ATTACK_ORDER else 99,
+                     DEFENSE_ORDER.index(r["defense"]) if r["defense"] in DEFENSE_ORDER else 99, r["seed"])
+    rows = sorted(rows, key=key)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(quality_markdown(rows, prov))
+    quality_plot(rows, out_dir / f"{stem}.png")

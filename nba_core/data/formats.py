@@ -1,0 +1,532 @@
+"""User data files: .npz arrays or ImageFolder archives (zip, tar, tar.gz), read safely into an ImageSet.
+
+Safety model: archives are checked from their headers (member count, declared sizes, compression ratio, names,
+member types) before anything is decompressed; members are then read into memory one at a time and never
+extracted to disk. Arrays are loaded with allow_pickle=False after their .npy headers were checked against the
+member sizes, and images are size-checked before Pillow decodes them.
+
+`sniff_dataset_format` and `check_dataset_file` only use the standard library (no numpy, no image decoding), so
+the API can run them as its cheap upload check.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import re
+import stat
+import struct
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from ..errors import (
+    DATA_INVALID,
+    DATA_LABEL_OUT_OF_RANGE,
+    DATA_SHAPE_MISMATCH,
+    DATA_TOO_LARGE,
+    DATA_UNREADABLE,
+    DATA_UNSAFE_ARCHIVE,
+    NBAError,
+)
+from .imageset import ImageSet
+
+PathLike = str | os.PathLike
+DatasetFormat = Literal["npz", "zip", "tar", "unknown"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_SNIFF_BYTES = 4096
+_MAX_TAR_META_BYTES = 1024 * 1024  # GNU long-name and pax headers: tarfile reads these whole into memory
+_MAX_NPY_HEADER_BYTES = 64 * 1024
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Bounds on what an uploaded data file may make us read or allocate."""
+
+    max_members: int = 100_000
+    max_total_bytes: int = 2 * 1024**3  # decompressed, all members together
+    max_member_bytes: int = 1024**3  # decompressed, one member
+    max_compression_ratio: float = 200.0  # deflate tops out near 1000:1 on zeros; real images stay far below
+    ratio_min_bytes: int = 4 * 1024**2  # ratios of smaller members/archives are not checked (labels compress well)
+    max_image_pixels: int = 1024 * 1024  # per image, checked before decoding
+    max_images: int = 200_000
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    size: int
+
+
+# ------------------------------------------------------------------------------------------------ sniffing
+
+def _looks_like_tar(block: bytes) -> bool:
+    if len(block) < 512:
+        return False
+    if block[257:262] == b"ustar":
+        return True
+    # Old (v7) tar has no magic: trust the header checksum (the checksum field counts as eight spaces).
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:512])
+
+
+def sniff_dataset_format(first_bytes: bytes) -> DatasetFormat:
+    """Guess a data file's format from its first bytes (a few hundred; 4 KiB is plenty). An .npz is a zip whose
+    first member is an .npy array; a gzip stream counts as "tar" when its start decompresses to a tar header (or is
+    too short to tell)."""
+    if first_bytes[:4] == b"PK\x03\x04":
+        if len(first_bytes) >= 30:
+            name_len = struct.unpack("<H", first_bytes[26:28])[0]
+            name = first_bytes[30:30 + name_len]
+            if len(name) == name_len and name.endswith(b".npy"):
+                return "npz"
+        return "zip"
+    if first_bytes[:4] == b"PK\x05\x06":
+        return "zip"  # an empty archive; check_dataset_file reports it as such
+    if first_bytes[:2] == b"\x1f\x8b":
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(first_bytes, 1024)
+        except zlib.error:
+            return "unknown"
+        if len(head) < 512:
+            return "tar"
+        return "tar" if _looks_like_tar(head[:512]) else "unknown"
+    return "tar" if _looks_like_tar(first_bytes[:512]) else "unknown"
+
+
+# ------------------------------------------------------------------------------------------ member checks
+
+def _check_name(name: str) -> None:
+    path = PurePosixPath(name)
+    if (not name or "\0" in name or "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name)
+            or ".." in path.parts):
+        raise NBAError(DATA_UNSAFE_ARCHIVE, f"archive member {name[:200]!r} has an absolute or escaping path")
+
+
+class _Budget:
+    """Running totals of members and declared bytes, checked as headers are read."""
+
+    def __init__(self, limits: DataLimits, file_size: int):
+        self.limits, self.file_size = limits, max(file_size, 1)
+        self.members = 0
+        self.total = 0
+
+    def add(self, name: str, size: int, compressed: int | None) -> None:
+        lim = self.limits
+        self.members += 1
+        self.total += size
+        if self.members > lim.max_members:
+            raise NBAError(DATA_TOO_LARGE, f"archive has more than {lim.max_members} members")
+        if size > lim.max_member_bytes:
+            raise NBAError(DATA_TOO_LARGE, f"member {name!r} is {size} bytes uncompressed "
+                           f"(limit {lim.max_member_bytes})")
+        if self.total > lim.max_total_bytes:
+            raise NBAError(DATA_TOO_LARGE, f"archive expands to more than {lim.max_total_bytes} bytes")
+        if compressed is not None and size > lim.ratio_min_bytes and size > lim.max_compression_ratio * max(compressed, 1):
+            raise NBAError(DATA_TOO_LARGE, f"member {name!r} compresses {size / max(compressed, 1):.0f}:1 "
+                           f"(limit {lim.max_compression_ratio:.0f}:1): refused as a zip bomb")
+        if self.total > lim.ratio_min_bytes and self.total > lim.max_compression_ratio * self.file_size:
+            raise NBAError(DATA_TOO_LARGE, f"archive expands {self.total / self.file_size:.0f}-fold "
+                           f"(limit {lim.max_compression_ratio:.0f}): refused as a decompression bomb")
+
+
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
+def _scan_zip(zf: zipfile.ZipFile, limits: DataLimits, file_size: int) -> list[_Entry]:
+    """Validate every central-directory entry; return the regular files. Nothing is decompressed."""
+    infos = zf.infolist()
+    if len(infos) > limits.max_members:
+        raise NBAError(DATA_TOO_LARGE, f"archive has {len(infos)} members (limit {limits.max_members})")
+    budget = _Budget(limits, file_size)
+    files: list[_Entry] = []
+    for info in infos:
+        _check_name(info.filename)
+        kind = stat.S_IFMT(info.external_attr >> 16)
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise NBAError(DATA_UNSAFE_ARCHIVE, f"archive member {info.filename!r} is a link or special file")
+        if info.is_dir():
+            continue
+        if info.flag_bits & 0x1:
+            raise NBAError(DATA_UNREADABLE, f"archive member {info.filename!r} is encrypted")
+        if info.compress_type not in _ZIP_METHODS:
+            raise NBAError(DATA_UNREADABLE, f"archive member {info.filename!r} uses an unsupported compression")
+        budget.add(info.filename, info.file_size, info.compress_size)
+        files.append(_Entry(info.filename, info.file_size))
+    return files
+
+
+def _read_zip_member(zf: zipfile.ZipFile, entry: _Entry) -> bytes:
+    try:
+        with zf.open(entry.name) as f:
+            data = f.read(entry.size + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot read archive member {entry.name!r}: {e}") from None
+    if len(data) != entry.size:
+        raise NBAError(DATA_UNREADABLE, f"archive member {entry.name!r} does not match its declared size")
+    return data
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses oversized GNU long-name / pax headers, which tarfile would otherwise read whole into memory."""
+
+    def _proc_member(self, tarfile_obj):  # noqa: ANN001 - tarfile's internal hook
+        meta_types = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                      tarfile.SOLARIS_XHDTYPE)
+        if self.type in meta_types and self.size > _MAX_TAR_META_BYTES:
+            raise NBAError(DATA_UNSAFE_ARCHIVE, f"tar metadata header of {self.size} bytes refused")
+        return super()._proc_member(tarfile_obj)
+
+
+def _iter_tar(path: Path, gz: bool) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Stream through a tar (decompressing sequentially, never seeking back), yielding each member header."""
+    try:
+        with tarfile.open(path, mode="r|gz" if gz else "r|", tarinfo=_BoundedTarInfo) as tf:
+            while (member := tf.next()) is not None:
+                yield tf, member
+    except NBAError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot read the tar archive: {e}") from None
+
+
+def _scan_tar(path: Path, gz: bool, limits: DataLimits, file_size: int) -> list[_Entry]:
+    """Validate every member header; links, devices and sparse files are refused. Sizes come from headers, and
+    the running totals are checked before the next header is read, so a bomb stops early."""
+    budget = _Budget(limits, file_size)
+    files: list[_Entry] = []
+    for _tf, m in _iter_tar(path, gz):
+        _check_name(m.name)
+        if m.isdir():
+            continue
+        if not m.isreg() or m.issparse():
+            raise NBAError(DATA_UNSAFE_ARCHIVE, f"archive member {m.name!r} is a link, device or special file")
+        budget.add(m.name, m.size, None)  # per-member compressed sizes are unknown in a stream; totals are checked
+        files.append(_Entry(m.name, m.size))
+    return files
+
+
+# ------------------------------------------------------------------------------------------- .npy headers
+
+_DESCR = re.compile(r"^[<>|=]?([biufc])(\d+)$")
+
+
+def _read_npy_header(f: io.BufferedIOBase, name: str) -> tuple[str, bool, tuple[int, ...], int]:
+    """Parse an .npy header without numpy: (descr, fortran_order, shape, header_bytes). Object and structured
+    dtypes are refused here, before np.load."""
+    magic = f.read(8)
+    if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
+        raise NBAError(DATA_UNREADABLE, f"{name} is not a .npy array")
+    len_bytes = 2 if magic[6] == 1 else 4
+    raw_len = f.read(len_bytes)
+    header_len = int.from_bytes(raw_len, "little") if len(raw_len) == len_bytes else -1
+    if not 0 < header_len <= _MAX_NPY_HEADER_BYTES:
+        raise NBAError(DATA_UNREADABLE, f"{name} has an implausible .npy header")
+    raw = f.read(header_len)
+    try:
+        header = ast.literal_eval(raw.decode("utf-8" if magic[6] == 3 else "latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
+        raise NBAError(DATA_UNREADABLE, f"{name} has a malformed .npy header") from None
+    if not isinstance(descr, str) or not _DESCR.match(descr):
+        raise NBAError(DATA_INVALID, f"{name} has dtype {descr!r}: only plain numeric arrays are accepted "
+                       "(object arrays are refused)")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise NBAError(DATA_UNREADABLE, f"{name} has an invalid shape {shape!r}")
+    return descr, bool(fortran), shape, 8 + len_bytes + header_len
+
+
+def _npy_info(zf: zipfile.ZipFile, entry: _Entry) -> dict[str, Any]:
+    try:
+        with zf.open(entry.name) as f:
+            descr, _fortran, shape, header_bytes = _read_npy_header(f, entry.name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot read {entry.name}: {e}") from None
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = int(_DESCR.match(descr).group(2))  # type: ignore[union-attr]
+    # The declared shape must account for exactly the member's bytes, so np.load allocates only what is there.
+    if numel * itemsize != entry.size - header_bytes:
+        raise NBAError(DATA_UNREADABLE, f"{entry.name}: shape {list(shape)} does not match the stored data")
+    return {"dtype": descr, "shape": list(shape)}
+
+
+# ------------------------------------------------------------------------------------------ ImageFolder
+
+def _image_layout(files: list[_Entry]) -> tuple[list[tuple[_Entry, int]], dict[str, int]]:
+    """Map `<class>/<image>` members to labels (an optional single top folder is allowed). Folder names that are
+    all integers are the labels; otherwise labels follow the sorted folder names."""
+    images: list[tuple[_Entry, tuple[str, ...]]] = []
+    for e in files:
+        parts = PurePosixPath(e.name).parts
+        if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+            continue  # archiver droppings (resource forks, .DS_Store)
+        if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            raise NBAError(DATA_INVALID, f"unexpected file {e.name!r}: an ImageFolder archive holds only "
+                           f"{'/'.join(IMAGE_EXTENSIONS)} images in per-class folders")
+        images.append((e, parts))
+    if not images:
+        raise NBAError(DATA_INVALID, "the archive holds no images")
+    if all(len(p) == 3 for _, p in images) and len({p[0] for _, p in images}) == 1:
+        images = [(e, p[1:]) for e, p in images]  # zipped from the parent folder: one root directory
+    bad = [e.name for e, p in images if len(p) != 2]
+    if bad:
+        raise NBAError(DATA_INVALID, f"expected <class>/<image> layout, got {bad[0]!r}")
+    folders = sorted({p[0] for _, p in images})
+    if all(f.isascii() and f.isdigit() for f in folders):
+        labels = {f: int(f) for f in folders}
+    else:
+        labels = {f: i for i, f in enumerate(folders)}
+    ordered = sorted(((e, labels[p[0]]) for e, p in images), key=lambda t: (t[1], t[0].name))
+    return ordered, labels
+
+
+# ------------------------------------------------------------------------------------------- cheap check
+
+def _scan(path: Path, limits: DataLimits) -> tuple[str, list[_Entry], bool]:
+    """Sniff and header-check the file: (format, regular-file members, gzip-compressed)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot read data file: {e.strerror}") from None
+    fmt = sniff_dataset_format(head)
+    if fmt in ("npz", "zip"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                files = _scan_zip(zf, limits, size)
+        except zipfile.BadZipFile as e:
+            raise NBAError(DATA_UNREADABLE, f"corrupt zip archive: {e}") from None
+        # Decide by all member names, not only the first: an .npz holds nothing but .npy arrays.
+        fmt = "npz" if files and all(e.name.endswith(".npy") for e in files) else "zip"
+    elif fmt == "tar":
+        files = _scan_tar(path, head[:2] == b"\x1f\x8b", limits, size)
+    else:
+        raise NBAError(DATA_UNREADABLE, "unrecognised data file: expected .npz (x, y) or a zip / tar / tar.gz "
+                       "ImageFolder archive")
+    return fmt, files, head[:2] == b"\x1f\x8b"
+
+
+def _npz_arrays(path: Path, files: list[_Entry]) -> dict[str, dict[str, Any]]:
+    """{key: {"dtype", "shape"}} from the .npy headers, each checked against its member size; x and y required."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            arrays = {e.name[:-4]: _npy_info(zf, e) for e in files}
+    except zipfile.BadZipFile as e:
+        raise NBAError(DATA_UNREADABLE, f"corrupt zip archive: {e}") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise NBAError(DATA_INVALID, f"the .npz has no {key!r} array (found: {sorted(arrays)})")
+    return arrays
+
+
+def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits()) -> dict[str, Any]:
+    """Validate a data file's structure without decoding images or loading arrays.
+
+    Returns {"format", "members", "total_bytes"} plus, for npz, "arrays": {key: {"dtype", "shape"}}, or, for
+    archives, "images" and "classes" ({folder: label}). Raises NBAError (DATA_*) on anything unsafe or malformed."""
+    path = Path(path)
+    fmt, files, _gz = _scan(path, limits)
+    info: dict[str, Any] = {"format": fmt, "members": len(files), "total_bytes": sum(e.size for e in files)}
+    if fmt == "npz":
+        info["arrays"] = _npz_arrays(path, files)
+    else:
+        images, labels = _image_layout(files)
+        if len(images) > limits.max_images:
+            raise NBAError(DATA_TOO_LARGE, f"{len(images)} images (limit {limits.max_images})")
+        info["images"] = len(images)
+        info["classes"] = labels
+    return info
+
+
+# -------------------------------------------------------------------------------------------------- loading
+
+def _to_nchw(x: np.ndarray, channels_last: bool, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
+    """N×H×W -> N×1×H×W; 4-D arrays in their documented layout, or the other one if only that fits the spec."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise NBAError(DATA_INVALID, f"x must be 3-D or 4-D, got shape {list(x.shape)}")
+    nchw = x.transpose(0, 3, 1, 2) if channels_last else x
+    other = x if channels_last else x.transpose(0, 2, 3, 1)
+    if expect_shape is not None and tuple(nchw.shape[1:]) != expect_shape and tuple(other.shape[1:]) == expect_shape:
+        return other
+    return nchw
+
+
+def _images_from_array(x: np.ndarray, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return _to_nchw(x, True, expect_shape).astype(np.float32) / np.float32(255)
+    if x.dtype.kind != "f":
+        raise NBAError(DATA_INVALID, f"x must be uint8 (N×H×W×C) or float32 (N×C×H×W) in [0, 1], got {x.dtype}")
+    x = _to_nchw(x, False, expect_shape).astype(np.float32)
+    if x.size and not np.isfinite(x).all():
+        raise NBAError(DATA_INVALID, "x holds NaN or infinite values")
+    if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise NBAError(DATA_INVALID, f"float x must be in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+    return np.clip(x, 0.0, 1.0)
+
+
+def _labels_from_array(y: np.ndarray) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise NBAError(DATA_INVALID, f"y must be 1-D, got shape {list(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise NBAError(DATA_INVALID, f"y must hold integer class indices, got {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _load_npz(path: Path, expect_shape: tuple[int, int, int] | None) -> ImageSet:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x_raw, y_raw = z["x"], z["y"]
+    except NBAError:
+        raise
+    except ValueError as e:  # numpy's refusal of object arrays without allow_pickle lands here
+        raise NBAError(DATA_INVALID, f"cannot load the .npz arrays: {e}") from None
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot load the .npz arrays: {e}") from None
+    x = _images_from_array(x_raw, expect_shape)
+    del x_raw
+    y = _labels_from_array(y_raw)
+    if len(x) != len(y):
+        raise NBAError(DATA_INVALID, f"x has {len(x)} images but y has {len(y)} labels")
+    return ImageSet(x, y)
+
+
+def _decode_image(data: bytes, name: str, mode: str | None, size: tuple[int, int] | None,
+                  limits: DataLimits) -> np.ndarray:
+    """One image -> H×W×C uint8, with its pixel count and size checked before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette-transparency notes etc.; errors still raise
+            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as img:
+                w, h = img.size
+                if w * h > limits.max_image_pixels:
+                    raise NBAError(DATA_TOO_LARGE, f"{name} is {w}×{h} pixels (limit {limits.max_image_pixels})")
+                if size is not None and (h, w) != size:
+                    raise NBAError(DATA_SHAPE_MISMATCH, f"{name} is {h}×{w} (H×W); the model expects "
+                                   f"{size[0]}×{size[1]} and images are not resized")
+                if mode is None:
+                    mode = "L" if img.mode in _GREY_MODES else "RGB"
+                arr = np.asarray(img.convert(mode), dtype=np.uint8)
+    except NBAError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot decode image {name!r}: {e}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
+                        expect_shape: tuple[int, int, int] | None, limits: DataLimits) -> ImageSet:
+    images, _labels = _image_layout(files)
+    if len(images) > limits.max_images:
+        raise NBAError(DATA_TOO_LARGE, f"{len(images)} images (limit {limits.max_images})")
+    mode = size = None
+    if expect_shape is not None:
+        mode = _MODES.get(expect_shape[0])
+        if mode is None:
+            raise NBAError(DATA_SHAPE_MISMATCH, f"images cannot be converted to {expect_shape[0]} channels")
+        size = (expect_shape[1], expect_shape[2])
+    index = {e.name: i for i, (e, _) in enumerate(images)}
+    y = np.array([label for _, label in images], dtype=np.int64)
+    x: np.ndarray | None = None
+
+    def put(name: str, data: bytes) -> None:
+        nonlocal x, mode, size
+        arr = _decode_image(data, name, mode, size, limits)
+        if x is None:  # without a spec, the first image fixes mode and size for the rest
+            size = size or arr.shape[:2]
+            mode = mode or ("L" if arr.shape[2] == 1 else "RGB")
+            x = np.empty((len(images), *arr.shape), dtype=np.uint8)
+        x[index[name]] = arr
+
+    if fmt == "zip":
+        with zipfile.ZipFile(path) as zf:
+            for entry, _ in images:
+                put(entry.name, _read_zip_member(zf, entry))
+    else:
+        wanted = {e.name: e for e, _ in images}
+        for tf, m in _iter_tar(path, gz):
+            entry = wanted.get(m.name)
+            if entry is None or not m.isreg():
+                continue
+            f = tf.extractfile(m)
+            data = f.read(entry.size + 1) if f is not None else b""
+            if len(data) != entry.size:
+                raise NBAError(DATA_UNREADABLE, f"archive member {m.name!r} does not match its declared size")
+            put(m.name, data)
+    assert x is not None  # _image_layout guarantees at least one image
+    return ImageSet(x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255), y)
+
+
+def load_dataset_file(path: PathLike, *, num_classes: int | None = None,
+                      expect_shape: tuple[int, int, int] | None = None,
+                      limits: DataLimits = DataLimits()) -> ImageSet:
+    """Load a user data file (format detected by content) into an ImageSet, checking it against the model:
+    labels in [0, num_classes), images of shape `expect_shape` = (C, H, W). Raises NBAError (DATA_*)."""
+    path = Path(path)
+    expect = tuple(int(d) for d in expect_shape) if expect_shape is not None else None
+    fmt, files, gz = _scan(path, limits)
+    if fmt == "npz":
+        _npz_arrays(path, files)  # .npy headers vs member sizes (bounds np.load's allocations), x and y present
+        data = _load_npz(path, expect)  # type: ignore[arg-type]
+    else:
+        data = _load_image_archive(path, fmt, gz, files, expect, limits)  # type: ignore[arg-type]
+    if len(data) == 0:
+        raise NBAError(DATA_INVALID, "the data file holds no images")
+    if len(data) > limits.max_images:
+        raise NBAError(DATA_TOO_LARGE, f"{len(data)} images (limit {limits.max_images})")
+    if expect is not None and data.shape != expect:
+        raise NBAError(DATA_SHAPE_MISMATCH, f"images are {list(data.shape)} (C, H, W); the model expects "
+                       f"{list(expect)}")
+    low, high = int(data.y.min()), int(data.y.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        bound = f"[0, {num_classes})" if num_classes is not None else "non-negative"
+        raise NBAError(DATA_LABEL_OUT_OF_RANGE, f"labels span [{low}, {high}] but must be {bound}")
+    return data
+
+
+# -------------------------------------------------------------------------------------------------- writing
+
+def save_npz(path: PathLike, data: ImageSet) -> None:
+    """Write `data` as a compressed .npz (atomically): x as uint8 N×H×W×C when that is lossless (pixels on the
+    1/255 grid), otherwise float32 N×C×H×W; y as int64."""
+    u8 = np.rint(data.x * 255).clip(0, 255).astype(np.uint8)
+    if np.array_equal(u8.astype(np.float32) / np.float32(255), data.x):
+        x: np.ndarray = u8.transpose(0, 2, 3, 1)
+    else:
+        x = data.x.astype(np.float32)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
+            np.savez_compressed(f, x=np.ascontiguousarray(x), y=data.y.astype(np.int64))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,325 @@
+"""NBA as reconstructed from the published abstract (Ying & Wu, 2023) -- see /work/shared/NBA.md §3.
+
+Teacher T = the suspect model B fine-tuned hard on the clean subset D. Student S starts from B and is trained on
+    CE(S(x), y) + β·Σ_l D(R_S^l(x), R_T^l(x)) + γ·Σ_l D(R_S^l(x̃), R_T^l(x̃)) + λ·KL(T(x̃) ‖ S(x̃))
+where R are neural-behaviour representations of the stage outputs (defenses/behavior.py) and x̃ are pseudo
+samples crafted to make S show its backdoor behaviour. Every component is switchable for ablation; the best
+epoch is picked from D alone (held-out clean accuracy minus the pseudo trigger's success), never from a real
+trigger.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..data.imageset import ImageSet, stratified_split
+from ..device import autocast, to_device
+from ..errors import INVALID_PARAMS, NBAError
+from ..models.base import SpecModel, capture_outputs
+from ..train import TrainConfig, predict_logits, train_classifier
+from ..triggerscan import ScanResult, apply_trigger, optimise_triggers, scan_universal_triggers
+from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .behavior import REPRESENTATIONS, behavior_distance
+from .teacher import train_teacher
+
+PSEUDO_MODES = ("off", "per_sample", "universal", "class_scan")
+
+
+@dataclass
+class NBAConfig:
+    # Teacher (NBA.md §5 lesson 1: it must be trained hard enough to break the backdoor).
+    teacher_epochs: int = 10
+    teacher_lr: float = 0.1
+    teacher_shift: int = 2
+    # Knowledge form: comma-separated subset of attention, channel, relational, flow; layers "" = model's stages.
+    representations: str = "attention"
+    layers: str = ""
+    # Pseudo samples: off | per_sample | universal | class_scan.
+    pseudo: str = "class_scan"
+    scan_steps: int = 40  # class_scan: the batched all-class scan on the suspect model
+    scan_batch: int = 12
+    top_k: int = 1  # class_scan: how many suspect classes' triggers to use when none/one is flagged
+    refresh_every: int = 5  # epochs between re-optimising the suspect triggers against the student (0 = never)
+    refresh_steps: int = 10
+    eps: float = 0.1  # per_sample / universal: L∞ bound of δ in pixel units
+    pseudo_steps: int = 5  # per_sample / universal: signed-gradient steps per batch
+    # Loss weights.
+    beta: float = 10.0  # clean-input behaviour alignment
+    gamma: float = 10.0  # pseudo-sample behaviour alignment
+    kl_weight: float = 1.0  # λ: KL(T(x̃) ‖ S(x̃))
+    # Student.
+    student_epochs: int = 20
+    student_lr: float = 0.01
+    student_shift: int = 1
+    batch_size: int = 64
+    holdout_fraction: float = 0.2  # of D, kept out of the student's training to pick the best epoch
+
+
+class _Pseudo:
+    """Makes pseudo samples x̃ from a clean batch; `score_batch` says how backdoor-like S is on them."""
+
+    def make(self, student, teacher, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def disagreement(self, student, teacher, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Share of held-out pseudo samples where S and T disagree (0 when S behaves like T)."""
+        x_t = self.make(student, teacher, x, y)
+        s = predict_logits(student, x_t).argmax(1)
+        t = predict_logits(teacher, x_t).argmax(1)
+        return float((s != t).float().mean())
+
+    def end_epoch(self, student, epoch: int) -> None:
+        pass
+
+
+class _ClassScanPseudo(_Pseudo):
+    """The suspect class(es)' synthesised triggers stamped onto clean images (each image gets one suspect's
+    trigger, drawn at random); re-optimised against the student every few epochs so S cannot keep a backdoor
+    that a slightly different trigger still opens."""
+
+    def __init__(self, scan: ScanResult, suspects: list[int], x: torch.Tensor, y: torch.Tensor, cfg: NBAConfig,
+                 generator: torch.Generator, should_cancel):
+        self.suspects = suspects
+        self.masks = scan.masks[suspects].to(x.device)
+        self.patterns = scan.patterns[suspects].to(x.device)
+        # Epochs are scored against the triggers found on the suspect model: refreshed ones are optimised
+        # against the student itself (adversarial patches), which would make the score drift between epochs.
+        self.scan_masks, self.scan_patterns = self.masks, self.patterns
+        self.x, self.y, self.cfg, self.gen, self.should_cancel = x, y, cfg, generator, should_cancel
+        self.refreshes = 0
+
+    def make(self, student, teacher, xb, yb):
+        which = torch.randint(len(self.suspects), (len(xb),), generator=self.gen).to(xb.device)
+        return apply_trigger(xb, self.masks[which], self.patterns[which])
+
+    def success(self, student, x, y) -> float:
+        """Share of held-out images (not of the suspect class) that S sends to the suspect class."""
+        hits, total = 0, 0
+        for i, k in enumerate(self.suspects):
+            keep = y != k
+            if not keep.any():
+                continue
+            x_t = apply_trigger(x[keep], self.scan_masks[i], self.scan_patterns[i])
+            hits += int((predict_logits(student, x_t).argmax(1) == k).sum())
+            total += int(keep.sum())
+        return hits / max(total, 1)
+
+    def end_epoch(self, student, epoch):
+        every = self.cfg.refresh_every
+        if every > 0 and (epoch + 1) % every == 0 and epoch + 1 < self.cfg.student_epochs:
+            m, p, _ = optimise_triggers(student, self.x, self.y, self.suspects, steps=self.cfg.refresh_steps,
+                                        batch_size=self.cfg.scan_batch, l1_weight=0.05, generator=self.gen,
+                                        init=(self.masks, self.patterns), should_cancel=self.should_cancel)
+            self.masks, self.patterns = m.detach(), p.detach()
+            self.refreshes += 1
+
+
+class _DisagreementPseudo(_Pseudo):
+    """Untargeted δ that maximises Σ_l D(R_S, R_T) + KL(S ‖ T) under an L∞ bound: per sample, or one universal
+    δ shared by every image and carried over between batches (I-BAU's inner step is the precedent)."""
+
+    def __init__(self, universal: bool, cfg: NBAConfig, reps: list[str], layers: tuple[str, ...],
+                 shape: tuple[int, ...], device: torch.device, generator: torch.Generator):
+        self.universal, self.cfg, self.reps, self.layers = universal, cfg, reps, layers
+        self.delta = torch.zeros(1, *shape, device=device) if universal else None
+        self.gen = generator
+
+    def _objective(self, student, teacher, x):
+        with capture_outputs(student, self.layers) as fs, capture_outputs(teacher, self.layers) as ft:
+            s_logits = student(x).float()
+            t_logits = teacher(x).float()
+            sf = [fs[n] for n in self.layers]
+            tf = [ft[n] for n in self.layers]
+        obj = F.kl_div(F.log_softmax(t_logits, 1), F.log_softmax(s_logits, 1), log_target=True, reduction="batchmean")
+        for kind in self.reps:
+            obj = obj + behavior_distance(kind, sf, tf)
+        return obj
+
+    def make(self, student, teacher, xb, yb):
+        eps, steps = self.cfg.eps, max(1, self.cfg.pseudo_steps)
+        step = 2.5 * eps / steps
+        if self.universal:
+            delta = self.delta.clone()
+        else:
+            delta = (torch.rand(xb.shape, generator=self.gen).to(xb.device) * 2 - 1) * eps
+        was_training = student.training
+        student.eval()  # crafting must not move BatchNorm statistics
+        try:
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                obj = self._objective(student, teacher, (xb + delta).clamp(0, 1))
+                (g,) = torch.autograd.grad(obj, [delta])
+                if self.universal:
+                    g = g.sum(0, keepdim=True)
+                delta = (delta.detach() + step * g.sign()).clamp(-eps, eps)
+        finally:
+            student.train(was_training)
+        if self.universal:
+            self.delta = delta.detach()
+        return (xb + delta.detach()).clamp(0, 1)
+
+
+class NBA(Defense):
+    name: ClassVar[str] = "nba"
+    Config: ClassVar[type] = NBAConfig
+    stages: ClassVar[tuple[str, ...]] = ("teacher", "trigger_search", "distillation")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._validate(self.config)
+
+    @staticmethod
+    def _representations(cfg: NBAConfig) -> list[str]:
+        return [r.strip() for r in cfg.representations.split(",") if r.strip()]
+
+    @classmethod
+    def _validate(cls, cfg: NBAConfig) -> None:
+        reps = cls._representations(cfg)
+        bad = [r for r in reps if r not in REPRESENTATIONS]
+        problems = []
+        if bad:
+            problems.append(f"representations: unknown {bad}; known: {', '.join(REPRESENTATIONS)}")
+        if cfg.pseudo not in PSEUDO_MODES:
+            problems.append(f"pseudo must be one of {', '.join(PSEUDO_MODES)}")
+        for key in ("teacher_epochs", "student_epochs", "scan_steps", "scan_batch", "top_k", "batch_size",
+                    "pseudo_steps"):
+            if getattr(cfg, key) < 1:
+                problems.append(f"{key} must be >= 1")
+        for key in ("teacher_shift", "student_shift", "refresh_every", "refresh_steps"):
+            if getattr(cfg, key) < 0:
+                problems.append(f"{key} must be >= 0")
+        for key in ("teacher_lr", "student_lr"):
+            if not getattr(cfg, key) > 0:
+                problems.append(f"{key} must be > 0")
+        for key in ("beta", "gamma", "kl_weight", "eps"):
+            if not getattr(cfg, key) >= 0:
+                problems.append(f"{key} must be >= 0")
+        if not 0 <= cfg.holdout_fraction < 0.9:
+            problems.append("holdout_fraction must be in [0, 0.9)")
+        if problems:
+            raise NBAError(INVALID_PARAMS, "nba: " + "; ".join(problems))
+
+    def run(self, model: SpecModel, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        cfg = self.config
+        reps = self._representations(cfg)
+        layers = tuple(n.strip() for n in cfg.layers.split(",") if n.strip()) or tuple(model.behavior_layers)
+        known = dict(model.named_modules())
+        if any(n not in known for n in layers):
+            raise NBAError(INVALID_PARAMS, f"nba.layers: not in the model: {[n for n in layers if n not in known]}")
+        num_classes = ctx.spec.num_classes
+        if len(clean) < 4 or len(set(clean.y.tolist())) < 2:
+            raise NBAError(INVALID_PARAMS, "nba needs a clean subset with at least 4 images and 2 classes")
+        timer = StageTimer()
+        dev = ctx.device
+        # The student trains on `fit`; `hold` (never trained on by S) picks the epoch.
+        if cfg.holdout_fraction > 0:
+            fit_idx, hold_idx = stratified_split(clean.y, cfg.holdout_fraction, ctx.seed)
+        else:
+            fit_idx = hold_idx = torch.arange(len(clean)).numpy()
+        x_all, y_all = to_device(clean.x, dev), to_device(clean.y, dev)
+        x_fit, y_fit = x_all[torch.as_tensor(fit_idx, device=dev)], y_all[torch.as_tensor(fit_idx, device=dev)]
+        x_hold, y_hold = x_all[torch.as_tensor(hold_idx, device=dev)], y_all[torch.as_tensor(hold_idx, device=dev)]
+        info: dict = {"layers": list(layers), "representations": reps, "pseudo": cfg.pseudo,
+                      "fit_size": len(fit_idx), "holdout_size": len(hold_idx)}
+        log: list[dict] = []
+
+        with timer("teacher"):
+            # The teacher sees all of D: S never trains on the held-out images, so selection stays honest for S.
+            teacher, tlog = train_teacher(model, x_all, y_all, ctx, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+                                          shift=cfg.teacher_shift, batch_size=cfg.batch_size)
+            log += tlog
+
+        pseudo: _Pseudo | None = None
+        with timer("trigger_search"):
+            if cfg.pseudo == "class_scan":
+                scan = scan_universal_triggers(model, x_fit, y_fit, num_classes=num_classes, steps=cfg.scan_steps,
+                                               batch_size=cfg.scan_batch, device=dev, generator=ctx.generator,
+                                               should_cancel=ctx.should_cancel)
+                suspects = scan.suspects(cfg.top_k)
+                info["scan_before"] = _scan_summary(scan)
+                info["suspect_classes"] = suspects
+                pseudo = _ClassScanPseudo(scan, suspects, x_fit, y_fit, cfg, ctx.generator, ctx.should_cancel)
+            elif cfg.pseudo in ("per_sample", "universal"):
+                pseudo = _DisagreementPseudo(cfg.pseudo == "universal", cfg, reps, layers, clean.shape, dev,
+                                             ctx.generator)
+            ctx.progress("trigger_search", 1.0)
+
+        student = copy.deepcopy(model)
+        student.train()
+        for p in student.parameters():
+            p.requires_grad_(True)
+        selection: list[dict] = []
+        best = {"score": -float("inf"), "epoch": 0, "state": copy.deepcopy(student.state_dict())}
+
+        with timer("distillation"), capture_outputs(student, layers) as s_store, \
+                capture_outputs(teacher, layers) as t_store:
+
+            def extra_loss(m, xb, yb, logits):
+                loss = logits.new_zeros((), dtype=torch.float32)
+                if cfg.beta > 0 and reps:
+                    s_feats = [s_store[n] for n in layers]  # from the forward train_classifier just ran
+                    with torch.no_grad():
+                        teacher(xb)
+                    t_feats = [t_store[n] for n in layers]
+                    for kind in reps:
+                        loss = loss + cfg.beta * behavior_distance(kind, s_feats, t_feats)
+                if pseudo is not None and (cfg.gamma > 0 or cfg.kl_weight > 0):
+                    x_t = pseudo.make(m, teacher, xb, yb)
+                    s_logits = m(x_t).float()
+                    s_feats = [s_store[n] for n in layers]
+                    with torch.no_grad():
+                        t_logits = teacher(x_t).float()
+                    t_feats = [t_store[n] for n in layers]
+                    if cfg.gamma > 0:
+                        for kind in reps:
+                            loss = loss + cfg.gamma * behavior_distance(kind, s_feats, t_feats)
+                    if cfg.kl_weight > 0:
+                        loss = loss + cfg.kl_weight * F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1),
+                                                               log_target=True, reduction="batchmean")
+                return loss
+
+            def on_epoch_end(epoch: int) -> None:
+                student.eval()
+                with torch.no_grad():
+                    acc = float((predict_logits(student, x_hold).argmax(1) == y_hold).float().mean())
+                if isinstance(pseudo, _ClassScanPseudo):
+                    bad = pseudo.success(student, x_hold, y_hold)
+                elif pseudo is not None:
+                    bad = pseudo.disagreement(student, teacher, x_hold, y_hold)
+                else:
+                    bad = 0.0
+                score = acc - bad
+                selection.append({"epoch": epoch + 1, "holdout_acc": acc, "pseudo_bad": bad, "score": score})
+                if score > best["score"]:
+                    best.update(score=score, epoch=epoch + 1, state=copy.deepcopy(student.state_dict()))
+                if pseudo is not None:
+                    pseudo.end_epoch(student, epoch)
+                student.train()
+
+            tcfg = TrainConfig(epochs=cfg.student_epochs, lr=cfg.student_lr, shift=cfg.student_shift,
+                               hflip=ctx.hflip, batch_size=cfg.batch_size)
+            log += train_classifier(student, x_fit, y_fit, tcfg, generator=ctx.generator, extra_loss=extra_loss,
+                                    progress=ctx.progress, should_cancel=ctx.should_cancel, stage="distillation",
+                                    on_epoch_end=on_epoch_end)
+
+        student.load_state_dict(best["state"])
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            info["teacher_holdout_acc"] = float((predict_logits(teacher, x_hold).argmax(1) == y_hold).float().mean())
+        info["chosen_epoch"] = best["epoch"]
+        info["selection"] = selection
+        if isinstance(pseudo, _ClassScanPseudo):
+            info["trigger_refreshes"] = pseudo.refreshes
+        return DefenseResult(model=student, log=log, stage_seconds=dict(timer.seconds), info=info)
+
+
+def _scan_summary(scan: ScanResult) -> dict:
+    return {"mask_l1": [round(v, 3) for v in scan.mask_l1], "success_rate": [round(v, 4) for v in scan.success_rate],
+            "anomaly_index": round(scan.anomaly_index, 4), "flagged": scan.flagged}

@@ -1,0 +1,210 @@
+"""Batched, trigger-free, Neural-Cleanse-like class scan (NBA.md §3.3 and §5 lesson 4).
+
+For every class k at once we look for the smallest mask m_k (H×W, in [0, 1]) and a pattern p_k (C×H×W, in
+[0, 1]) such that `(1 - m_k)·x + m_k·p_k` is classified as k for clean x of other classes. A backdoor target
+needs a much smaller mask than a normal class, so the mask norms of a backdoored model have one low outlier
+(Neural Cleanse's MAD anomaly index). All K optimisations run as one batch of K×b images per step: the
+per-class loop of the feasibility run dominated the whole defense's cost.
+
+The L1 weight is adapted per class from the class's own success on its batch (raise it while the trigger
+works, lower it while it does not), so no class needs hand tuning; the smallest mask that reached the
+success threshold is kept, as Neural Cleanse does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import autocast
+from .errors import INVALID_PARAMS, Cancelled, NBAError
+from .train import CancelFn, never_cancel
+
+MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the std under normality
+ANOMALY_THRESHOLD = 2.0  # Neural Cleanse's cut-off
+LAM_UP = 1.2  # per-step factor of the adaptive L1 weight
+
+
+@dataclass
+class ScanResult:
+    """Per-class results of one scan; tensors live on the CPU."""
+
+    masks: torch.Tensor  # K×1×H×W in [0, 1]
+    patterns: torch.Tensor  # K×C×H×W in [0, 1]
+    mask_l1: list[float]  # sum of the mask, in pixels
+    success_rate: list[float]  # of the synthesised trigger on held-back clean images of other classes
+    anomaly_indices: list[float]  # (median - l1_k) / (1.4826·MAD), positive = smaller than usual
+    anomaly_index: float  # of the class with the smallest mask
+    flagged: list[int] = field(default_factory=list)  # classes with an anomaly index above 2, most anomalous first
+    steps: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.mask_l1)
+
+    def ranking(self) -> list[int]:
+        """Classes from most to least suspicious (smallest mask first)."""
+        return sorted(range(self.num_classes), key=lambda k: self.mask_l1[k])
+
+    def suspects(self, top_k: int = 1) -> list[int]:
+        """The flagged classes, or else the `top_k` most suspicious ones (never empty)."""
+        return self.flagged[:top_k] if self.flagged else self.ranking()[:top_k]
+
+
+def apply_trigger(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Stamp a trigger: `(1 - mask)·x + mask·pattern`, broadcasting mask (…×1×H×W) over channels."""
+    return (1 - mask) * x + mask * pattern
+
+
+def anomaly_indices(norms: list[float] | torch.Tensor) -> torch.Tensor:
+    """Neural Cleanse's MAD score per class, signed so that unusually SMALL norms score high."""
+    t = torch.as_tensor(norms, dtype=torch.float64)
+    med = t.median()
+    mad = (t - med).abs().median() * MAD_CONSISTENCY
+    return (med - t) / mad.clamp_min(1e-12 + 1e-3 * float(med.abs()))
+
+
+def _sample(pools: list[torch.Tensor], b: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """K×b indices; row k draws (with replacement) from images whose label is not k."""
+    rows = []
+    for pool in pools:
+        pick = torch.randint(len(pool), (b,), generator=generator)
+        rows.append(pool[pick.to(pool.device)])
+    return torch.stack(rows).to(device)
+
+
+def _split_held_back(y: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(len(y), generator=generator).to(y.device)
+    k = int(round(len(y) * fraction))
+    k = min(max(k, 1), len(y) - 1)
+    return perm[k:], perm[:k]
+
+
+@torch.no_grad()
+def trigger_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor,
+                    classes: list[int] | None = None, batch_size: int = 512) -> list[float]:
+    """Share of images of other classes that the trigger of class k sends to k, per class in `classes`."""
+    classes = list(range(len(masks))) if classes is None else classes
+    rates = []
+    for k in classes:
+        xs = x[y != k]
+        if len(xs) == 0:
+            rates.append(float("nan"))
+            continue
+        hits = 0
+        for i in range(0, len(xs), batch_size):
+            xb = apply_trigger(xs[i : i + batch_size], masks[k].to(x.device), patterns[k].to(x.device))
+            with autocast(x.device):
+                hits += int((model(xb).argmax(1) == k).sum())
+        rates.append(hits / len(xs))
+    return rates
+
+
+def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[int], *,
+                      steps: int, batch_size: int, l1_weight: float, lr: float = 0.1,
+                      success_threshold: float = 0.9, generator: torch.Generator,
+                      init: tuple[torch.Tensor, torch.Tensor] | None = None, mask_init: float = 0.5,
+                      should_cancel: CancelFn = never_cancel) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batched optimisation for the given target classes; returns (masks, patterns) of shape
+    len(classes)×1×H×W and len(classes)×C×H×W, on x's device, and the number of steps run.
+
+    `init` warm-starts from earlier masks/patterns (NBA refreshes its pseudo triggers against the student).
+    The model's parameters get no gradients and its train/eval mode is restored afterwards.
+    """
+    device = x.device
+    n_cls = len(classes)
+    c, h, w = x.shape[1:]
+    if init is None:
+        # A half-covering mask succeeds for every class almost at once; the adaptive L1 weight then shrinks it.
+        mask_logit = torch.full((n_cls, 1, h, w), float(torch.logit(torch.tensor(mask_init))), device=device)
+        pattern_logit = (torch.rand(n_cls, c, h, w, generator=generator) * 2 - 1).to(device)
+    else:
+        m0, p0 = (t.to(device).clamp(1e-4, 1 - 1e-4) for t in init)
+        mask_logit, pattern_logit = torch.logit(m0), torch.logit(p0)
+    mask_logit.requires_grad_(True)
+    pattern_logit.requires_grad_(True)
+    opt = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
+    pools = [torch.nonzero(y != k).flatten() for k in classes]
+    targets = torch.tensor(classes, device=device).repeat_interleave(batch_size)
+    lam = torch.full((n_cls,), float(l1_weight), device=device)
+    best_l1 = torch.full((n_cls,), float("inf"), device=device)
+    best_mask = torch.sigmoid(mask_logit.detach()).clone()
+    best_pattern = torch.sigmoid(pattern_logit.detach()).clone()
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(steps):
+            if should_cancel():
+                raise Cancelled()
+            idx = _sample(pools, batch_size, generator, device)  # K×b
+            mask = torch.sigmoid(mask_logit)
+            pattern = torch.sigmoid(pattern_logit)
+            xb = apply_trigger(x[idx], mask[:, None], pattern[:, None])  # K×b×C×H×W
+            with autocast(device):
+                logits = model(xb.flatten(0, 1)).float()
+            ce = F.cross_entropy(logits, targets, reduction="none").view(n_cls, batch_size).mean(1)
+            area = mask.flatten(1).mean(1)  # fraction of the image covered, per class
+            loss = (ce + lam * area).sum()
+            g_m, g_p = torch.autograd.grad(loss, [mask_logit, pattern_logit])
+            with torch.no_grad():
+                success = (logits.argmax(1) == targets).float().view(n_cls, batch_size).mean(1)
+                ok = success >= success_threshold
+                l1 = mask.flatten(1).sum(1)
+                better = ok & (l1 < best_l1)
+                best_l1 = torch.where(better, l1, best_l1)
+                best_mask[better] = mask[better].detach()
+                best_pattern[better] = pattern[better].detach()
+                # Per-class L1 schedule: tighten while the trigger works, relax while it does not.
+                lam = torch.where(ok, lam * LAM_UP, lam / LAM_UP).clamp(1e-3, 1e3)
+            mask_logit.grad, pattern_logit.grad = g_m, g_p
+            opt.step()
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        # A class that never reached the threshold keeps its final (large) mask.
+        never = torch.isinf(best_l1)
+        best_mask[never] = torch.sigmoid(mask_logit.detach())[never]
+        best_pattern[never] = torch.sigmoid(pattern_logit.detach())[never]
+    return best_mask, best_pattern, steps
+
+
+def scan_universal_triggers(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor, *, num_classes: int,
+                            steps: int = 40, batch_size: int = 12, l1_weight: float = 0.05, lr: float = 0.5,
+                            held_back: float = 0.25, mask_init: float = 0.05, device: torch.device | None = None,
+                            generator: torch.Generator, should_cancel: CancelFn = never_cancel) -> ScanResult:
+    """Scan all classes for a small universal trigger in one batched optimisation (see module doc).
+
+    x_clean: N×C×H×W pixels in [0, 1] (tensor or array); y_clean: N labels. A `held_back` share of the images
+    is kept out of the optimisation to measure each trigger's success rate honestly.
+    """
+    if steps < 1 or batch_size < 1 or l1_weight <= 0 or not 0 < held_back < 1:
+        raise NBAError(INVALID_PARAMS, "scan needs steps >= 1, batch_size >= 1, l1_weight > 0, 0 < held_back < 1")
+    device = device or next(model.parameters()).device
+    x = torch.as_tensor(x_clean).to(device, torch.float32)
+    y = torch.as_tensor(y_clean).to(device, torch.long)
+    if len(y) < 2 or x.ndim != 4:
+        raise NBAError(INVALID_PARAMS, "scan needs at least two images of shape N×C×H×W")
+    opt_idx, held_idx = _split_held_back(y, held_back, generator)
+    x_opt, y_opt = x[opt_idx], y[opt_idx]
+    classes = list(range(num_classes))
+    if any(bool((y_opt != k).sum() == 0) for k in classes):
+        raise NBAError(INVALID_PARAMS, "scan needs images from at least two classes")
+    masks, patterns, n = optimise_triggers(model, x_opt, y_opt, classes, steps=steps, batch_size=batch_size,
+                                           l1_weight=l1_weight, lr=lr, generator=generator, mask_init=mask_init,
+                                           should_cancel=should_cancel)
+    was_training = model.training
+    model.eval()
+    try:
+        rates = trigger_success(model, x[held_idx], y[held_idx], masks, patterns)
+    finally:
+        model.train(was_training)
+    l1 = masks.flatten(1).sum(1).cpu()
+    scores = anomaly_indices(l1)
+    order = torch.argsort(l1).tolist()
+    flagged = [k for k in order if float(scores[k]) > ANOMALY_THRESHOLD]
+    return ScanResult(masks=masks.detach().cpu(), patterns=patterns.detach().cpu(), mask_l1=[float(v) for v in l1],
+                      success_rate=rates, anomaly_indices=[float(v) for v in scores],
+                      anomaly_index=float(scores[order[0]]), flagged=flagged, steps=n)

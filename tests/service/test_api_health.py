@@ -1,0 +1,66 @@
+"""Liveness/readiness (incl. a broker that is down), OpenAPI, and that the API process never imports torch."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+
+from .conftest import DIGITS_SPEC, free_port, safetensors_bytes
+
+
+def test_healthz_readyz_openapi(api_server) -> None:
+    assert httpx.get(f"{api_server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{api_server.url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready"
+    assert {k for k, v in ready.json()["checks"].items() if v["ok"]} == {"database", "broker", "storage"}
+    spec = httpx.get(f"{api_server.url}/v1/openapi.json").json()
+    for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
+                 "/v1/jobs/{job_id}/model", "/v1/jobs/{job_id}/report"):
+        assert path in spec["paths"], path
+    assert "multipart/form-data" in spec["paths"]["/v1/models"]["post"]["requestBody"]["content"]
+
+
+def test_readyz_reports_a_down_broker_and_jobs_stay_queued(server_factory, make_key, uploaded_factory) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    server = server_factory(broker_url=f"redis://127.0.0.1:{closed}/0")
+    ready = httpx.get(f"{server.url}/readyz", timeout=30)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["broker"]["ok"] is False and body["checks"]["broker"]["error"]
+    assert body["checks"]["database"]["ok"] is True and body["checks"]["storage"]["ok"] is True
+
+    # Creating a job still works: the row is committed, the enqueue fails, the sweeper will send it later.
+    key = make_key()
+    ids = uploaded_factory(server.url, key)
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+        resp = h.post("/v1/jobs", json={**ids, "method": "ft"})
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["status"] == "queued" and resp.json()["enqueued_at"] is None
+
+
+def test_readyz_reports_a_down_database(server_factory) -> None:
+    server = server_factory(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nope")
+    ready = httpx.get(f"{server.url}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False
+
+
+def test_api_process_never_imports_torch(api_server, http, uploaded) -> None:
+    # After uploads (model and dataset checks ran) and a job creation the server process has no torch loaded.
+    assert http.post("/v1/jobs", json={"model_id": uploaded["model"]["id"],
+                                       "dataset_id": uploaded["dataset"]["id"], "method": "nba"}).status_code == 201
+    info = http.get("/v1/_debug/process").json()
+    assert info["pid"] == api_server.pid
+    assert info["torch_imported"] is False
+    assert not [m for m in info["modules"] if m.split(".")[0] in ("torch", "matplotlib")]
+
+
+def test_debug_endpoint_hidden_without_debug(server_factory, make_key) -> None:
+    server = server_factory(debug="0")
+    resp = httpx.get(f"{server.url}/v1/_debug/process")
+    assert resp.status_code == 404

@@ -1,0 +1,123 @@
+"""A self-contained HTML report for a finished job: metric tables plus PNG plots (matplotlib Agg, inlined).
+
+Plots: before/after bars for clean accuracy, attack success rate and trigger-free suspect success rate, and the
+training-loss curves from report["log"]. Images are embedded as data: URIs so the single file can be downloaded
+and opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+# (label, path into the metrics dict); only metrics present in the report are shown.
+BAR_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("clean accuracy", ("clean_accuracy",)),
+    ("attack success rate", ("attack_success_rate",)),
+    ("robust accuracy", ("robust_accuracy",)),
+    ("trigger-free suspect success", ("trigger_free", "suspect_success_rate")),
+)
+
+
+def _dig(d: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def metric_rows(report: dict) -> list[tuple[str, float, float]]:
+    """(label, before, after) for each bar metric present (as numbers) on both sides."""
+    metrics = report.get("metrics") or {}
+    rows = []
+    for label, path in BAR_METRICS:
+        b, a = _dig(metrics.get("before"), path), _dig(metrics.get("after"), path)
+        if isinstance(b, (int, float)) and isinstance(a, (int, float)):
+            rows.append((label, float(b), float(a)))
+    return rows
+
+
+def loss_curves(log: list[dict] | None) -> dict[str, list[tuple[float, float]]]:
+    """Per stage, the (step, value) points of every numeric '*loss*' column of the per-epoch log."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(log or []):
+        if not isinstance(row, dict):
+            continue
+        stage = str(row.get("stage", "train"))
+        x = row.get("epoch", i)
+        x = float(x) if isinstance(x, (int, float)) else float(i)
+        for key, value in row.items():
+            if "loss" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                curves.setdefault(f"{stage}: {key}", []).append((x, float(value)))
+    return curves
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_plots(report: dict) -> list[tuple[str, str]]:
+    """(title, base64 PNG) for the metric bars and the loss curves; empty when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a worker; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    plots: list[tuple[str, str]] = []
+    rows = metric_rows(report)
+    if rows:
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [100 * r[1] for r in rows], width=0.4, label="before", color="#c44e52")
+        ax.bar([x + 0.2 for x in xs], [100 * r[2] for r in rows], width=0.4, label="after", color="#4c72b0")
+        ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 105)
+        ax.legend()
+        plots.append(("Before / after", _png(fig)))
+        plt.close(fig)
+    curves = loss_curves(report.get("log"))
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        for name, points in curves.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+        plots.append(("Training losses", _png(fig)))
+        plt.close(fig)
+    return plots
+
+
+def render_report_html(report: dict, *, job_id: str | None = None) -> str:
+    esc = html.escape
+    title = f"NBA sanitization report{f' — job {job_id}' if job_id else ''}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:760px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             "td:first-child{text-align:left}</style></head><body>",
+             f"<h1>{esc(title)}</h1>",
+             f"<p>method <b>{esc(str(report.get('method')))}</b>, seed {esc(str(report.get('seed')))}, "
+             f"device {esc(str(report.get('device')))}</p>"]
+    if report.get("note"):
+        parts.append(f"<p><i>{esc(str(report['note']))}</i></p>")
+    rows = metric_rows(report)
+    if rows:
+        parts.append("<table><tr><th>metric</th><th>before</th><th>after</th></tr>")
+        parts += [f"<tr><td>{esc(n)}</td><td>{100 * b:.2f} %</td><td>{100 * a:.2f} %</td></tr>" for n, b, a in rows]
+        parts.append("</table>")
+    timing = report.get("timing") or {}
+    if isinstance(timing.get("total_seconds"), (int, float)):
+        parts.append(f"<p>total time {timing['total_seconds']:.1f} s</p>")
+    for name, png in render_plots(report):
+        parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name)}' src='data:image/png;base64,{png}'>")
+    sha = _dig(report, ("output", "sha256"))
+    if sha:
+        parts.append(f"<p>cleaned model sha256 <code>{esc(str(sha))}</code></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,143 @@
+"""Run one job: claim it, fetch its inputs, call nba_core.pipeline.sanitize, store the outputs, finish once.
+
+Free of Celery so it can be tested and reused directly; worker/tasks.py wraps it in the Celery task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from app.core.settings import Settings
+from app.core.storage import ArtifactStore
+from nba_core.errors import (CHECKPOINT_UNREADABLE, DATA_UNREADABLE, INTERNAL_ERROR, SPEC_INVALID, TIME_LIMIT_EXCEEDED,
+                             Cancelled, NBAError)
+
+from . import jobstate
+from .jobstate import Claim, NewArtifact, SessionFactory
+from .monitor import REASON_CANCEL, REASON_DEADLINE, REASON_LOST, JobMonitor
+
+log = logging.getLogger(__name__)
+
+SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "zip": ".zip", "tar": ".tar"}
+
+# Run outcomes (returned by run_job, logged by the task).
+SUCCEEDED, FAILED, CANCELLED, LOST = "succeeded", "failed", "cancelled", "lost"
+
+
+def fetch_inputs(session_factory: SessionFactory, store: ArtifactStore, claim: Claim, folder: Path) -> dict:
+    """Copy the job's model/dataset/probe from the store into `folder`; returns paths and the model's spec."""
+    out: dict = {}
+    for role, artifact_id in (("model", claim.model_id), ("data", claim.dataset_id), ("probe", claim.probe_id)):
+        if artifact_id is None:
+            out[role] = None
+            continue
+        art = jobstate.load_artifact(session_factory, artifact_id)
+        if art is None:
+            raise NBAError(CHECKPOINT_UNREADABLE if role == "model" else DATA_UNREADABLE,
+                           f"the job's {role} artifact no longer exists")
+        path = folder / f"{role}{SUFFIX.get(art.format, '')}"
+        store.fetch_to_path(art.storage_key, path)
+        out[role] = str(path)
+        if role == "model":
+            out["spec"] = art.spec
+    if not out.get("spec"):
+        raise NBAError(SPEC_INVALID, "the model artifact has no spec")
+    return out
+
+
+def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, folder: Path, job_id: str
+                  ) -> tuple[NewArtifact, NewArtifact, NewArtifact | None]:
+    from .report_html import render_report_html
+
+    model_obj = store.put_file(out_path)
+    expected = (report.get("output") or {}).get("sha256")
+    if expected and expected != model_obj.sha256:
+        raise RuntimeError(f"cleaned model hash changed between save and store ({expected} != {model_obj.sha256})")
+    # The worker's temp path means nothing to the client; the job id and the artifact hash do.
+    report = {**report, "job_id": job_id, "output": {**(report.get("output") or {}), "path": None,
+                                                      "sha256": model_obj.sha256, "size_bytes": model_obj.size}}
+    report_obj = store.put_bytes(json.dumps(report, indent=2).encode())
+    html_art = None
+    try:
+        html_obj = store.put_bytes(render_report_html(report, job_id=job_id).encode())
+        html_art = NewArtifact("report", "html", "report.html", html_obj.key, html_obj.sha256, html_obj.size)
+    except Exception:  # the HTML is a convenience; a plotting failure must not fail a finished job
+        log.exception("rendering the HTML report of job %s failed", job_id)
+    return (NewArtifact("result", "safetensors", "cleaned.safetensors", model_obj.key, model_obj.sha256,
+                        model_obj.size, spec=report.get("spec")),
+            NewArtifact("report", "json", "report.json", report_obj.key, report_obj.sha256, report_obj.size),
+            html_art)
+
+
+def run_job(job_id: str, *, settings: Settings, session_factory: SessionFactory, store: ArtifactStore,
+            worker: str | None = None, timeout_exceptions: tuple[type[BaseException], ...] = ()) -> str:
+    """Run `job_id` if it can be claimed. Returns the outcome: succeeded/failed/cancelled/lost, or a claim outcome
+    (finished/busy/missing/exhausted/cancelled) when there was nothing to run."""
+    worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+    outcome, claim = jobstate.claim_job(session_factory, job_id, worker=worker,
+                                        stale_after=settings.sweep_stale_after)
+    if claim is None:
+        log.info("job %s not run: %s", job_id, outcome)
+        return outcome
+    log.info("job %s claimed by %s (attempt %d)", job_id, worker, claim.attempt)
+    monitor = JobMonitor(session_factory, claim, interval=settings.heartbeat_interval,
+                         soft_deadline=time.monotonic() + settings.job_soft_time_limit).start()
+    try:
+        return _run_claimed(claim, settings=settings, session_factory=session_factory, store=store,
+                            monitor=monitor, timeout_exceptions=timeout_exceptions)
+    finally:
+        monitor.stop()
+
+
+def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFactory, store: ArtifactStore,
+                 monitor: JobMonitor, timeout_exceptions: tuple[type[BaseException], ...]) -> str:
+    def fail(code: str, message: str) -> str:
+        monitor.stop()
+        if monitor.stop_reason == REASON_LOST or not jobstate.finish_failed(session_factory, claim, code, message):
+            return LOST
+        return FAILED
+
+    try:
+        from nba_core.pipeline import sanitize  # torch (and CUDA, via pick_device) only inside the worker child
+
+        with tempfile.TemporaryDirectory(prefix=f"nba-job-{claim.job_id[:8]}-") as tmp:
+            folder = Path(tmp)
+            inputs = fetch_inputs(session_factory, store, claim, folder)
+            out_path = folder / "cleaned.safetensors"
+            report = sanitize(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
+                              method=claim.method, params=claim.params, out_path=str(out_path),
+                              probe_path=inputs["probe"], probe_target=claim.probe_target, device=settings.device,
+                              progress=monitor.progress, should_cancel=monitor.should_cancel)
+            monitor.progress("store", 1.0)
+            monitor.stop()
+            monitor.flush()  # final heartbeat: are we still the owner, was cancel asked at the last moment?
+            if monitor.stop_reason == REASON_LOST:
+                return LOST
+            result, report_art, html_art = store_outputs(store, report, out_path=out_path, folder=folder,
+                                                         job_id=claim.job_id)
+        done = jobstate.finish_succeeded(session_factory, claim, metrics=report.get("metrics") or {},
+                                         result=result, report=report_art, report_html=html_art)
+        return SUCCEEDED if done else LOST
+    except Cancelled:
+        monitor.stop()
+        if monitor.stop_reason == REASON_LOST:
+            return LOST
+        if monitor.stop_reason == REASON_DEADLINE:
+            return fail(TIME_LIMIT_EXCEEDED, f"the job ran longer than {settings.job_soft_time_limit} s")
+        if monitor.stop_reason == REASON_CANCEL or monitor.stop_reason is None:
+            return CANCELLED if jobstate.finish_cancelled(session_factory, claim) else LOST
+        return LOST
+    except NBAError as e:
+        return fail(e.code, e.message)
+    except timeout_exceptions:
+        return fail(TIME_LIMIT_EXCEEDED, f"the job ran longer than {settings.job_soft_time_limit} s")
+    except Exception:
+        log.exception("job %s failed with an unexpected error", claim.job_id)
+        return fail(INTERNAL_ERROR, "an internal error stopped the job; the operator can find details in the "
+                                    "worker log")
