@@ -10,6 +10,8 @@ leading "module." (DataParallel) or "_orig_mod." (torch.compile) on every key is
 
 Key names: `build_model(spec)` returns a SpecModel whose state_dict keys are "net.<name>". Checkpoints exported
 from the bare network (keys "<name>", the common case for users) are accepted too and mapped onto "net.".
+Validation is otherwise exact (missing / unexpected keys, shapes, dtypes, finite values), except that missing
+BatchNorm "num_batches_tracked" counters are filled with 0.
 """
 
 from __future__ import annotations
@@ -149,6 +151,11 @@ def conform_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> d
     theirs. Raises NBAError with a CHECKPOINT_* code naming the first problem."""
     reference = model.state_dict()
     state = _match_key_namespace(dict(state), set(reference))
+    # BatchNorm's step counter only matters with momentum=None; exports from older PyTorch or other frameworks
+    # lack it, so a missing one is filled with the fresh model's value (0) instead of refusing the file.
+    for k, v in reference.items():
+        if k.endswith(".num_batches_tracked") and k not in state:
+            state[k] = v.clone()
     missing = [k for k in reference if k not in state]
     if missing:
         raise NBAError(CHECKPOINT_MISSING_KEYS, f"{len(missing)} keys missing from the checkpoint: "

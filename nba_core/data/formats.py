@@ -136,14 +136,18 @@ class _Budget:
                            f"(limit {lim.max_member_bytes})")
         if self.total > lim.max_total_bytes:
             raise NBAError(DATA_TOO_LARGE, f"archive expands to more than {lim.max_total_bytes} bytes")
-        if compressed is not None and size > lim.ratio_min_bytes and size > lim.max_compression_ratio * max(compressed, 1):
-            raise NBAError(DATA_TOO_LARGE, f"member {name!r} compresses {size / max(compressed, 1):.0f}:1 "
+        compressed = max(compressed, 1) if compressed is not None else None
+        if compressed is not None and size > lim.ratio_min_bytes and size > lim.max_compression_ratio * compressed:
+            raise NBAError(DATA_TOO_LARGE, f"member {name!r} compresses {size / compressed:.0f}:1 "
                            f"(limit {lim.max_compression_ratio:.0f}:1): refused as a zip bomb")
         if self.total > lim.ratio_min_bytes and self.total > lim.max_compression_ratio * self.file_size:
             raise NBAError(DATA_TOO_LARGE, f"archive expands {self.total / self.file_size:.0f}-fold "
                            f"(limit {lim.max_compression_ratio:.0f}): refused as a decompression bomb")
 
 
+# What zipfile raises on hostile or corrupt archives (RuntimeError: encryption; NotImplementedError: methods).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
+               NotImplementedError, struct.error)
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
@@ -174,7 +178,7 @@ def _read_zip_member(zf: zipfile.ZipFile, entry: _Entry) -> bytes:
     try:
         with zf.open(entry.name) as f:
             data = f.read(entry.size + 1)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+    except _ZIP_ERRORS as e:
         raise NBAError(DATA_UNREADABLE, f"cannot read archive member {entry.name!r}: {e}") from None
     if len(data) != entry.size:
         raise NBAError(DATA_UNREADABLE, f"archive member {entry.name!r} does not match its declared size")
@@ -254,7 +258,7 @@ def _npy_info(zf: zipfile.ZipFile, entry: _Entry) -> dict[str, Any]:
     try:
         with zf.open(entry.name) as f:
             descr, _fortran, shape, header_bytes = _read_npy_header(f, entry.name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+    except _ZIP_ERRORS as e:
         raise NBAError(DATA_UNREADABLE, f"cannot read {entry.name}: {e}") from None
     numel = 1
     for d in shape:
@@ -311,7 +315,7 @@ def _scan(path: Path, limits: DataLimits) -> tuple[str, list[_Entry], bool]:
         try:
             with zipfile.ZipFile(path) as zf:
                 files = _scan_zip(zf, limits, size)
-        except zipfile.BadZipFile as e:
+        except _ZIP_ERRORS as e:
             raise NBAError(DATA_UNREADABLE, f"corrupt zip archive: {e}") from None
         # Decide by all member names, not only the first: an .npz holds nothing but .npy arrays.
         fmt = "npz" if files and all(e.name.endswith(".npy") for e in files) else "zip"
@@ -320,6 +324,10 @@ def _scan(path: Path, limits: DataLimits) -> tuple[str, list[_Entry], bool]:
     else:
         raise NBAError(DATA_UNREADABLE, "unrecognised data file: expected .npz (x, y) or a zip / tar / tar.gz "
                        "ImageFolder archive")
+    names = [e.name for e in files]
+    if len(set(names)) != len(names):
+        # Readers disagree on which copy of a repeated name wins; refuse rather than guess.
+        raise NBAError(DATA_INVALID, "the archive holds two members with the same name")
     return fmt, files, head[:2] == b"\x1f\x8b"
 
 
@@ -328,7 +336,7 @@ def _npz_arrays(path: Path, files: list[_Entry]) -> dict[str, dict[str, Any]]:
     try:
         with zipfile.ZipFile(path) as zf:
             arrays = {e.name[:-4]: _npy_info(zf, e) for e in files}
-    except zipfile.BadZipFile as e:
+    except _ZIP_ERRORS as e:
         raise NBAError(DATA_UNREADABLE, f"corrupt zip archive: {e}") from None
     for key in ("x", "y"):
         if key not in arrays:
@@ -431,7 +439,9 @@ def _decode_image(data: bytes, name: str, mode: str | None, size: tuple[int, int
                 arr = np.asarray(img.convert(mode), dtype=np.uint8)
     except NBAError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise NBAError(DATA_UNREADABLE, f"{name!r} is not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise NBAError(DATA_UNREADABLE, f"cannot decode image {name!r}: {e}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -450,10 +460,12 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
     index = {e.name: i for i, (e, _) in enumerate(images)}
     y = np.array([label for _, label in images], dtype=np.int64)
     x: np.ndarray | None = None
+    filled = 0
 
     def put(name: str, data: bytes) -> None:
-        nonlocal x, mode, size
+        nonlocal x, mode, size, filled
         arr = _decode_image(data, name, mode, size, limits)
+        filled += 1
         if x is None:  # without a spec, the first image fixes mode and size for the rest
             size = size or arr.shape[:2]
             mode = mode or ("L" if arr.shape[2] == 1 else "RGB")
@@ -461,9 +473,12 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
         x[index[name]] = arr
 
     if fmt == "zip":
-        with zipfile.ZipFile(path) as zf:
-            for entry, _ in images:
-                put(entry.name, _read_zip_member(zf, entry))
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for entry, _ in images:
+                    put(entry.name, _read_zip_member(zf, entry))
+        except _ZIP_ERRORS as e:
+            raise NBAError(DATA_UNREADABLE, f"corrupt zip archive: {e}") from None
     else:
         wanted = {e.name: e for e, _ in images}
         for tf, m in _iter_tar(path, gz):
@@ -475,7 +490,8 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
             if len(data) != entry.size:
                 raise NBAError(DATA_UNREADABLE, f"archive member {m.name!r} does not match its declared size")
             put(m.name, data)
-    assert x is not None  # _image_layout guarantees at least one image
+    if x is None or filled != len(images):
+        raise NBAError(DATA_UNREADABLE, "the archive changed while it was being read")
     return ImageSet(x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255), y)
 
 
