@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from fastapi import FastAPI
@@ -27,15 +28,27 @@ Authenticate with `Authorization: Bearer <key>` (keys are made with `nba keys cr
 """
 
 
+# After a failed enqueue, skip the broker for this long: a dead Redis costs ~6 s per attempt (redis-py's own
+# connection retries), and the sweeper re-sends every job whose enqueue was skipped.
+BROKER_BACKOFF_S = 15.0
+
+
 def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
-    """Send `nba.sanitize(job_id)` through the worker's Celery app configuration (no worker code imported)."""
+    """Send `nba.sanitize(job_id)` through the worker's Celery configuration (the task code is not imported)."""
     from worker.celery_app import QUEUE, TASK_NAME, make_celery
 
     celery = make_celery(settings)
+    down_until = [0.0]
 
     def enqueue(job_id: str) -> None:
-        # retry=False: a dead broker must not stall the request; the sweeper re-sends queued jobs.
-        celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=False)
+        if time.monotonic() < down_until[0]:
+            raise RuntimeError("the broker was unreachable moments ago; leaving the job to the sweeper")
+        try:
+            # retry=False: a dead broker must not stall the request further; the sweeper re-sends queued jobs.
+            celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE, retry=False)
+        except Exception:
+            down_until[0] = time.monotonic() + BROKER_BACKOFF_S
+            raise
 
     return enqueue
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
 from app.core.db import make_engine, normalize_url
 from app.core.models import Base

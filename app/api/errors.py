@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nba_core.errors import NBAError
@@ -16,6 +17,7 @@ log = logging.getLogger("nba.api")
 NOT_FOUND = "not_found"
 VALIDATION_ERROR = "validation_error"
 INTERNAL_ERROR = "internal_error"
+SERVICE_UNAVAILABLE = "service_unavailable"
 
 # Codes for plain HTTP errors raised by the framework (unknown route, wrong method, ...).
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: NOT_FOUND,
@@ -55,6 +57,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        # Connection-level database failures are an outage, not a bug: 503 tells clients to retry later.
+        log.warning("database unavailable: %s", exc.orig if exc.orig is not None else exc)
+        return error_response(503, SERVICE_UNAVAILABLE, "the database is unavailable; retry later",
+                              {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

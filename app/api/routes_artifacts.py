@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from anyio import to_thread
@@ -27,14 +28,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _multipart_doc(extra: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    """OpenAPI for a body we parse ourselves (FastAPI cannot infer it: the route reads request.stream())."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", *required],
         "properties": {"file": {"type": "string", "format": "binary"}, **extra}}}}}}
-    return doc
 
 
 def _forget_stored(state: ServiceState, stored: StoredObject) -> None:
-    """Delete a rejected upload's object unless an existing artifact row uses the same bytes."""
+    """Delete a rejected upload's object unless an artifact row uses the same bytes. (Identical bytes fail the
+    same checks, so a concurrent accepted upload of them can only happen across kinds, e.g. a zip sent both as a
+    .pt model and as a dataset at the same moment: a window we accept.)"""
     with state.sessions() as session:
         used = session.execute(select(func.count()).select_from(Artifact)
                                .where(Artifact.storage_key == stored.key)).scalar_one()
@@ -49,8 +52,7 @@ async def _upload(request: Request, state: ServiceState, *, max_bytes: int, snif
     try:
         owner = await to_thread.run_sync(authenticate, state, request)
         upload = await receive_upload(request, state.store, max_bytes=max_bytes, sniff=sniff,
-                                      sniff_bytes=sniff_bytes, fields=fields,
-                                      on_field=on_field)
+                                      sniff_bytes=sniff_bytes, fields=fields, on_field=on_field)
     except NBAError:
         await drain(request)
         raise
@@ -74,8 +76,6 @@ async def _upload(request: Request, state: ServiceState, *, max_bytes: int, snif
 def _jsonable(details: Any) -> dict[str, Any] | None:
     if not isinstance(details, dict) or not details:
         return None
-    import json
-
     try:
         json.dumps(details)
         return details

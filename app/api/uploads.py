@@ -35,9 +35,11 @@ class StoreTarget(BaseTarget):
     """A multipart target that writes the part into an ArtifactStore writer, sniffing its first bytes."""
 
     def __init__(self, store: ArtifactStore, max_bytes: int, sniff: Callable[[bytes], str],
-                 sniff_bytes: int = SNIFF_BYTES):
+                 sniff_bytes: int = SNIFF_BYTES, before_start: Callable[[], None] | None = None):
         super().__init__()
         self.sniff_bytes = sniff_bytes
+        # Runs when the file part begins: fields sent before it (the spec) are checked before any file byte.
+        self.before_start = before_start
         self.store = store
         self.max_bytes = max_bytes
         self.sniff = sniff
@@ -46,11 +48,14 @@ class StoreTarget(BaseTarget):
         self.format: str | None = None
         self.parts = 0
         self.stored: StoredObject | None = None
+        self.complete = False  # the part's closing delimiter was seen
 
     async def on_start_async(self) -> None:
         self.parts += 1
         if self.parts > 1:
             raise NBAError(VALIDATION_ERROR, "exactly one `file` part is allowed")
+        if self.before_start is not None:
+            self.before_start()
         self.writer = await to_thread.run_sync(lambda: self.store.open_writer(max_bytes=self.max_bytes))
 
     async def on_data_received_async(self, chunk: bytes) -> None:
@@ -64,6 +69,7 @@ class StoreTarget(BaseTarget):
     async def on_finish_async(self) -> None:
         if self.format is None:
             self.format = self.sniff(bytes(self.head))
+        self.complete = True
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -77,6 +83,20 @@ class StoreTarget(BaseTarget):
     @property
     def received(self) -> bool:
         return self.writer is not None
+
+
+class FieldTarget(ValueTarget):
+    """A small in-memory form field that knows when it is complete (its closing delimiter was seen)."""
+
+    def __init__(self, max_bytes: int = SMALL_FIELD_BYTES):
+        super().__init__(validator=MaxSizeValidator(max_bytes))
+        self.done = False
+
+    async def on_finish_async(self) -> None:
+        self.done = True
+
+    def on_finish(self) -> None:
+        self.done = True
 
 
 @dataclass
@@ -126,12 +146,13 @@ async def receive_upload(request: Request, store: ArtifactStore, *, max_bytes: i
     except ParseFailedException as e:
         raise NBAError(VALIDATION_ERROR, f"malformed multipart request: {e}") from e
 
-    target = StoreTarget(store, max_bytes, sniff, sniff_bytes)
+    values = {name: FieldTarget() for name in fields}
+    seen_fields: set[str] = set()
+    target = StoreTarget(store, max_bytes, sniff, sniff_bytes,
+                         before_start=lambda: _report_fields(values, seen_fields, on_field))
     parser.register("file", target)
-    values = {name: ValueTarget(validator=MaxSizeValidator(SMALL_FIELD_BYTES)) for name in fields}
     for name, value_target in values.items():
         parser.register(name, value_target)
-    seen_fields: set[str] = set()
 
     received = 0
     try:
@@ -145,17 +166,12 @@ async def receive_upload(request: Request, store: ArtifactStore, *, max_bytes: i
                 raise NBAError(VALIDATION_ERROR, f"a form field is larger than {SMALL_FIELD_BYTES} bytes") from e
             except ParseFailedException as e:
                 raise NBAError(VALIDATION_ERROR, f"malformed multipart request: {e}") from e
-            if on_field is not None:
-                for name, value_target in values.items():
-                    if name not in seen_fields and value_target._finished:
-                        seen_fields.add(name)
-                        on_field(name, value_target.value)
+            _report_fields(values, seen_fields, on_field)
         if not target.received:
             raise NBAError(VALIDATION_ERROR, "the multipart body has no `file` part")
-        if on_field is not None:
-            for name, value_target in values.items():
-                if name not in seen_fields and value_target._finished:
-                    on_field(name, value_target.value)
+        if not target.complete:
+            raise NBAError(VALIDATION_ERROR, "the multipart body ended inside the `file` part")
+        _report_fields(values, seen_fields, on_field)
         stored = await to_thread.run_sync(target.commit)
     except ClientDisconnect:
         target.abort()
@@ -164,4 +180,15 @@ async def receive_upload(request: Request, store: ArtifactStore, *, max_bytes: i
         target.abort()
         raise
     return Upload(stored=stored, format=str(target.format), filename=target.multipart_filename,
-                  fields={name: v.value for name, v in values.items() if v._finished})
+                  fields={name: v.value for name, v in values.items() if v.done})
+
+
+def _report_fields(values: dict[str, FieldTarget], seen: set[str],
+                   on_field: Callable[[str, bytes], None] | None) -> None:
+    """Hand each newly completed field to on_field once."""
+    if on_field is None:
+        return
+    for name, value_target in values.items():
+        if name not in seen and value_target.done:
+            seen.add(name)
+            on_field(name, value_target.value)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 
-import httpx
 import pytest
 from sqlalchemy import update
 
@@ -138,3 +137,18 @@ def test_report_html_stored_by_worker(http, finished_job) -> None:
     resp = http.get(f"/v1/jobs/{finished_job['id']}/report", params={"format": "html"})
     assert resp.status_code == 200 and "stored report with plots" in resp.text
     assert http.get(f"/v1/jobs/{finished_job['id']}/report", params={"format": "json"}).json() == REPORT
+
+
+def test_client_wait(client, finished_job, http, uploaded, db) -> None:
+    seen: list[dict] = []
+    job = client.wait(finished_job["id"], poll=0.05, on_progress=seen.append, timeout=10)
+    assert job["status"] == "succeeded" and len(seen) == 1
+    queued = http.post("/v1/jobs", json={"model_id": uploaded["model"]["id"],
+                                         "dataset_id": uploaded["dataset"]["id"], "method": "ft"}).json()["id"]
+    db.execute(update(Job).where(Job.id == queued).values(status="queued"))
+    db.commit()
+    with pytest.raises(TimeoutError):
+        client.wait(queued, poll=0.05, timeout=0.3)
+    page = client.list_jobs(status="succeeded")
+    assert [j["id"] for j in page["items"]] == [finished_job["id"]]
+    assert client.cancel_job(queued)["status"] == "cancelled"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import socket
 
 import httpx
 
-from .conftest import DIGITS_SPEC, free_port, safetensors_bytes
+from .conftest import free_port
 
 
 def test_healthz_readyz_openapi(api_server) -> None:
@@ -44,10 +43,16 @@ def test_readyz_reports_a_down_broker_and_jobs_stay_queued(server_factory, make_
         assert resp.json()["status"] == "queued" and resp.json()["enqueued_at"] is None
 
 
-def test_readyz_reports_a_down_database(server_factory) -> None:
-    server = server_factory(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nope")
+def test_readyz_reports_a_down_database_and_hides_debug(server_factory) -> None:
+    server = server_factory(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nope", debug="0")
     ready = httpx.get(f"{server.url}/readyz", timeout=30)
     assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False
+    assert ready.json()["checks"]["broker"]["ok"] is True
+    # Requests that need the database fail cleanly in the error shape.
+    resp = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": "Bearer nba_" + "x" * 40}, timeout=30)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "service_unavailable"
+    # The debug endpoint exists only with NBA_DEBUG=1.
+    assert httpx.get(f"{server.url}/v1/_debug/process").status_code == 404
 
 
 def test_api_process_never_imports_torch(api_server, http, uploaded) -> None:
@@ -58,9 +63,3 @@ def test_api_process_never_imports_torch(api_server, http, uploaded) -> None:
     assert info["pid"] == api_server.pid
     assert info["torch_imported"] is False
     assert not [m for m in info["modules"] if m.split(".")[0] in ("torch", "matplotlib")]
-
-
-def test_debug_endpoint_hidden_without_debug(server_factory, make_key) -> None:
-    server = server_factory(debug="0")
-    resp = httpx.get(f"{server.url}/v1/_debug/process")
-    assert resp.status_code == 404

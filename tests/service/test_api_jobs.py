@@ -3,11 +3,9 @@ owner isolation."""
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import update
 
 from app.client import APIError, NBAClient
@@ -156,7 +154,7 @@ def test_auth_missing_invalid_revoked(api_server, http, api_key, sessions, make_
 
     url = api_server.url
     for headers in ({}, {"Authorization": "Bearer nba_notavalidkeyatall_000000000000000000000"},
-                    {"Authorization": f"Basic {api_key}"}, {"Authorization": "Bearer "}):
+                    {"Authorization": f"Basic {api_key}"}, {"Authorization": "Bearer"}):
         resp = httpx.get(f"{url}/v1/jobs", headers=headers)
         assert resp.status_code == 401 and _error(resp) == "unauthorized"
         assert resp.headers["www-authenticate"] == "Bearer"

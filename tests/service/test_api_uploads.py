@@ -120,6 +120,13 @@ def test_upload_model_bad_spec(http, store, db, spec: str | None, code: str) -> 
     assert _stored_files(store) == before and _artifact_rows(db, sha256_hex(data)) == 0
 
 
+def test_spec_sent_first_is_checked_before_the_file(http) -> None:
+    # One request body with a bad spec followed by a file that is not a model at all: the spec is rejected
+    # before any byte of the file is looked at.
+    resp = _post(http, "/v1/models", b"GIF89a" + b"\x00" * 100, {"spec": json.dumps({**DIGITS_SPEC, "arch": "x"})})
+    assert resp.status_code == 422 and _error(resp) == "unknown_architecture"
+
+
 def test_upload_dataset_and_probe(client, http) -> None:
     data = digits_npz_bytes(seed=1)
     out = client.upload_stream("/v1/datasets", [data], len(data), filename="d.npz")
@@ -181,4 +188,11 @@ def test_upload_requires_multipart_and_a_file(http) -> None:
     body = MultipartStream({"spec": json.dumps(DIGITS_SPEC)}, "x", [], 0)
     raw = b"".join(body).replace(b'name="file"', b'name="other"')
     resp = http.post("/v1/models", content=raw, headers={"Content-Type": body.content_type})
+    assert resp.status_code == 422 and _error(resp) == "validation_error"
+    # A body cut off inside the file part (no closing delimiter) is not stored.
+    data = safetensors_bytes(fill=13)
+    body = MultipartStream({"spec": json.dumps(DIGITS_SPEC)}, "m.safetensors", [data], len(data))
+    raw = b"".join(body)
+    resp = http.post("/v1/models", content=raw[:-len(f"\r\n--{body.boundary}--\r\n")],
+                     headers={"Content-Type": body.content_type})
     assert resp.status_code == 422 and _error(resp) == "validation_error"

@@ -1,0 +1,169 @@
+"""Pipeline speed: per-defense wall time by stage, the batched class scan against a per-class loop, one full
+`sanitize` run, and (when CUDA is present) training throughput of the device-resident bf16/channels_last loop
+against a plain DataLoader/fp32 reference loop on PreAct-ResNet18 with 2,500 32×32 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from .common import OUT_DIR, provenance
+
+DEFENSES = ("ft", "fp", "nad", "anp", "ibau", "nba")
+
+
+def defense_stage_times(seed: int = 0) -> dict:
+    from nba_core.defenses import get_defense
+    from nba_core.defenses.base import DefenseContext
+    from nba_core.device import pick_device, seed_everything
+    from nba_core.experiment import backdoor_experiment
+
+    run = backdoor_experiment("mnist5k", "badnets", "small_cnn", seed)
+    out = {}
+    for name in DEFENSES:
+        ctx = DefenseContext(spec=run.spec, device=pick_device("auto"), generator=seed_everything(seed), seed=seed)
+        t0 = time.perf_counter()
+        result = get_defense(name).run(run.model, run.clean_subset, ctx)
+        out[name] = {"total_seconds": time.perf_counter() - t0, "stages": result.stage_seconds}
+    return {"setup": "mnist5k small_cnn badnets seed 0, 200-image clean subset", "defenses": out, "run": run}
+
+
+def scan_batched_vs_loop(run, steps: int = 60, batch_size: int = 8) -> dict:
+    """The same optimisation for all classes in one batch, and one class at a time."""
+    import torch
+
+    from nba_core.device import pick_device, seed_everything, to_device
+    from nba_core.triggerscan import optimise_triggers
+
+    dev = pick_device("auto")
+    model = run.model.to(dev)
+    x, y = to_device(run.clean_subset.x, dev), to_device(run.clean_subset.y, dev)
+    classes = list(range(run.spec.num_classes))
+    t0 = time.perf_counter()
+    optimise_triggers(model, x, y, classes, steps=steps, batch_size=batch_size, l1_weight=0.5,
+                      generator=seed_everything(0))
+    batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k in classes:
+        optimise_triggers(model, x, y, [k], steps=steps, batch_size=batch_size, l1_weight=0.5,
+                          generator=seed_everything(0))
+    loop = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return {"steps": steps, "batch_per_class": batch_size, "classes": len(classes), "batched_seconds": batched,
+            "per_class_loop_seconds": loop, "speedup": loop / batched}
+
+
+def full_sanitize(run) -> dict:
+    from nba_core.checkpoint import save_model
+    from nba_core.data.formats import save_npz
+    from nba_core.pipeline import sanitize
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        save_model(run.model, d / "m.safetensors", spec=run.spec)
+        save_npz(d / "clean.npz", run.clean_subset)
+        t0 = time.perf_counter()
+        report = sanitize(model_path=str(d / "m.safetensors"), spec=run.spec, data_path=str(d / "clean.npz"),
+                          method="nba", params=None, out_path=str(d / "out.safetensors"))
+        wall = time.perf_counter() - t0
+    return {"method": "nba", "wall_seconds": wall, "timing": report["timing"]}
+
+
+def gpu_throughput(n_images: int = 2500, epochs: int = 3) -> dict:
+    """Images/s of a plain reference loop vs the library's loop, on the same GPU in the same run."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if not torch.cuda.is_available():
+        return {"available": False, "note": "no CUDA device in this run"}
+    from nba_core.device import pick_device, prepare_model, seed_everything, to_device
+    from nba_core.experiment import default_spec
+    from nba_core.models import build_model
+    from nba_core.train import TrainConfig, train_classifier
+
+    dev = pick_device("cuda")
+    gen = seed_everything(0)
+    x = torch.rand(n_images, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (n_images,), generator=gen)
+    spec = default_spec("shapes32", "preact_resnet18")
+
+    model = build_model(spec).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            xb, yb = xb.to(dev), yb.to(dev)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.cuda.synchronize()
+    ref = epochs * n_images / (time.perf_counter() - t0)
+
+    model = prepare_model(build_model(spec), dev)
+    xd, yd = to_device(x, dev), to_device(y, dev)
+    cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=128, shift=2, hflip=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_classifier(model, xd, yd, cfg, generator=gen)
+    torch.cuda.synchronize()
+    ours = epochs * n_images / (time.perf_counter() - t0)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(model(xd[:128]), yd[:128]).backward()
+    flops_per_image = fc.get_total_flops() / 128
+    return {"available": True, "device": torch.cuda.get_device_name(0), "images": n_images, "epochs": epochs,
+            "reference_images_per_s": ref, "nba_core_images_per_s": ours, "speedup": ours / ref,
+            "train_flops_per_image": flops_per_image,
+            "nba_core_tflops": ours * flops_per_image / 1e12}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    args = p.parse_args(argv)
+    prov = provenance()
+    stages = defense_stage_times()
+    run = stages.pop("run")
+    result = {"provenance": prov, "defense_stage_times": stages, "class_scan": scan_batched_vs_loop(run),
+              "sanitize_nba": full_sanitize(run), "gpu": gpu_throughput()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["# Pipeline speed", "", f"Commit `{prov['commit']}`; machine {prov['machine']}; {prov['when']}.", "",
+             "## Defense wall time by stage (CPU, MNIST-5k, small CNN, BadNets, 200-image clean subset)", "",
+             "| defense | total s | stages (s) |", "|---|---|---|"]
+    for name, r in stages["defenses"].items():
+        st = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+        lines.append(f"| {name} | {r['total_seconds']:.1f} | {st} |")
+    cs = result["class_scan"]
+    lines += ["", "## Class scan: all classes batched vs one class at a time", "",
+              f"{cs['classes']} classes × {cs['steps']} steps × {cs['batch_per_class']} images: batched "
+              f"{cs['batched_seconds']:.2f} s, per-class loop {cs['per_class_loop_seconds']:.2f} s "
+              f"(×{cs['speedup']:.1f}).", "",
+              "## One `nba sanitize --method nba` (pipeline incl. trigger-free evidence before and after)", "",
+              f"{result['sanitize_nba']['wall_seconds']:.1f} s wall: " + ", ".join(
+                  f"{k} {v:.1f}" for k, v in result["sanitize_nba"]["timing"].items() if isinstance(v, float)), "",
+              "## GPU", ""]
+    g = result["gpu"]
+    if g["available"]:
+        lines.append(f"{g['device']}: reference loop {g['reference_images_per_s']:.0f} img/s, nba_core loop "
+                     f"{g['nba_core_images_per_s']:.0f} img/s (×{g['speedup']:.2f}), {g['nba_core_tflops']:.1f} TFLOP/s.")
+    else:
+        lines.append("No GPU was available to this run; the GPU comparison was not measured.")
+    (args.out / "pipeline_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
