@@ -97,7 +97,9 @@ def cmd_keys(args) -> int:
 def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO",
                 hostname: str | None = None) -> list[str]:
     """The `celery worker` command line (run it with `python -m celery`)."""
-    argv = ["-A", "worker.celery_app", "worker", f"--pool={pool}", f"--concurrency={concurrency}", "-Q", "nba",
+    from worker.celery_app import QUEUE
+
+    argv = ["-A", "worker.celery_app", "worker", f"--pool={pool}", f"--concurrency={concurrency}", "-Q", QUEUE,
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
     if hostname:
         argv += ["-n", hostname]
@@ -120,7 +122,9 @@ def cmd_sweeper(args) -> int:
 
     from worker.sweeper import run_from_settings
 
-    _settings(args)
+    settings = _settings(args)
+    if str(settings.database_url).startswith("sqlite"):
+        _migrate(settings)  # embedded: the sweeper may be the first process to touch a fresh data dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_from_settings()

@@ -41,7 +41,7 @@ def start_worker(settings, *, pool: str = "solo", loglevel: str = "INFO", hostna
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None)
 
 
-def stop_process(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen, *, grace: float = 20.0) -> None:
     """SIGTERM (Celery: warm shutdown), then SIGKILL after `grace` seconds; the sweeper re-runs a killed job."""
     if proc.poll() is not None:
         return

@@ -181,3 +181,12 @@ def finish_succeeded(session_factory: SessionFactory, claim: Claim, *, metrics: 
 def load_artifact(session_factory: SessionFactory, artifact_id: str) -> Artifact | None:
     with session_factory() as session:
         return session.execute(select(Artifact).where(Artifact.id == artifact_id)).scalar_one_or_none()
+
+
+def fail_if_running_on(session_factory: SessionFactory, job_id: str, worker: str, code: str, message: str) -> bool:
+    """Fail a job still marked running by `worker` (used by the pool parent after it killed a child at the hard
+    time limit: the child cannot record that itself). Guarded by the worker name, so a job that was already
+    taken over by another attempt is left alone."""
+    with session_factory() as session:
+        guard = and_(Job.id == job_id, Job.status == "running", Job.worker == worker[:200])
+        return _finish(session, guard, status="failed", now=utcnow(), error_code=code, error_message=message)

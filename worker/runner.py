@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -30,6 +31,18 @@ SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "zip": ".zi
 SUCCEEDED, FAILED, CANCELLED, LOST = "succeeded", "failed", "cancelled", "lost"
 
 
+def json_safe(value):
+    """NaN/inf become null: strict JSON for the report file, and Postgres JSONB rejects NaN outright (a metric
+    such as ASR is NaN when a probe set holds only target-class images)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def fetch_inputs(session_factory: SessionFactory, store: ArtifactStore, claim: Claim, folder: Path) -> dict:
     """Copy the job's model/dataset/probe from the store into `folder`; returns paths and the model's spec."""
     out: dict = {}
@@ -51,7 +64,7 @@ def fetch_inputs(session_factory: SessionFactory, store: ArtifactStore, claim: C
     return out
 
 
-def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, folder: Path, job_id: str
+def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, job_id: str
                   ) -> tuple[NewArtifact, NewArtifact, NewArtifact | None]:
     from .report_html import render_report_html
 
@@ -62,7 +75,7 @@ def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, folder:
     # The worker's temp path means nothing to the client; the job id and the artifact hash do.
     report = {**report, "job_id": job_id, "output": {**(report.get("output") or {}), "path": None,
                                                       "sha256": model_obj.sha256, "size_bytes": model_obj.size}}
-    report_obj = store.put_bytes(json.dumps(report, indent=2).encode())
+    report_obj = store.put_bytes(json.dumps(report, indent=2, allow_nan=False).encode())
     html_art = None
     try:
         html_obj = store.put_bytes(render_report_html(report, job_id=job_id).encode())
@@ -114,13 +127,13 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
                               method=claim.method, params=claim.params, out_path=str(out_path),
                               probe_path=inputs["probe"], probe_target=claim.probe_target, device=settings.device,
                               progress=monitor.progress, should_cancel=monitor.should_cancel)
+            report = json_safe(report)
             monitor.progress("store", 1.0)
             monitor.stop()
             monitor.flush()  # final heartbeat: are we still the owner, was cancel asked at the last moment?
             if monitor.stop_reason == REASON_LOST:
                 return LOST
-            result, report_art, html_art = store_outputs(store, report, out_path=out_path, folder=folder,
-                                                         job_id=claim.job_id)
+            result, report_art, html_art = store_outputs(store, report, out_path=out_path, job_id=claim.job_id)
         done = jobstate.finish_succeeded(session_factory, claim, metrics=report.get("metrics") or {},
                                          result=result, report=report_art, report_html=html_art)
         return SUCCEEDED if done else LOST

@@ -88,8 +88,9 @@ def run_sweeper(session_factory: SessionFactory, enqueue: Callable[[str], None],
     while not stop.is_set():
         try:
             sweep_once(session_factory, enqueue, stale_after=stale_after)
-        except Exception:
-            log.warning("sweep failed", exc_info=True)
+        except Exception as e:
+            log.warning("sweep failed (retrying in %.0f s): %s", interval, str(e).splitlines()[0] if str(e) else e)
+            log.debug("sweep failure details", exc_info=True)
         stop.wait(interval)
 
 

@@ -75,43 +75,57 @@ class WorkerProc:
             pass
 
 
+def start_worker(service_env: dict[str, str], log_dir: Path, redis_url: str, *, pool: str = "prefork",
+                 flush: bool = True, **overrides: Any) -> WorkerProc:
+    """A ready `celery worker` subprocess (own process group) with the test service settings + overrides.
+
+    flush=True empties the test Redis db first, so messages left by earlier tests (other modules' placeholder
+    jobs, which are never meant to run) are not consumed by this worker."""
+    if flush:
+        redis.Redis.from_url(redis_url).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBA_")}
+    env.update(service_env)
+    env.update(WORKER_DEFAULTS)
+    env.update({f"NBA_{k.upper()}": str(v) for k, v in overrides.items()})
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    name = f"w{time.time_ns() % 10**9}"
+    log_path = log_dir / f"worker-{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", f"--pool={pool}",
+             "--concurrency=1", "-Q", "nba", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+             "-n", f"{name}@%h"],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = WorkerProc(proc=proc, log_path=log_path, name=name)
+    try:
+        return worker.wait_ready()
+    except BaseException:
+        worker.kill()
+        raise
+
+
 @pytest.fixture()
 def worker_factory(service_env: dict[str, str], service_dir: Path, redis_url: str
                    ) -> Iterator[Callable[..., WorkerProc]]:
-    """start(pool="prefork", flush=True, **NBA_overrides) → a ready worker; all are stopped after the test.
-
-    flush=True empties the test Redis db first, so messages left by earlier tests (other modules' placeholder
-    jobs) are not consumed by this test's worker."""
+    """start(pool="prefork", flush=True, **NBA_overrides) → a ready worker; all are stopped after the test."""
     started: list[WorkerProc] = []
 
-    def start(pool: str = "prefork", flush: bool = True, **overrides: Any) -> WorkerProc:
-        if flush:
-            redis.Redis.from_url(redis_url).flushdb()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NBA_")}
-        env.update(service_env)
-        env.update(WORKER_DEFAULTS)
-        env.update({f"NBA_{k.upper()}": str(v) for k, v in overrides.items()})
-        env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-        name = f"w{len(started)}-{os.getpid()}"
-        log_path = service_dir / f"worker-{name}-{time.time_ns()}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", f"--pool={pool}",
-                 "--concurrency=1", "-Q", "nba", "--loglevel=INFO", "--without-gossip", "--without-mingle",
-                 "-n", f"{name}@%h"],
-                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        worker = WorkerProc(proc=proc, log_path=log_path, name=name)
+    def start(**kwargs: Any) -> WorkerProc:
+        worker = start_worker(service_env, service_dir, redis_url, **kwargs)
         started.append(worker)
-        return worker.wait_ready()
+        return worker
 
     yield start
     for worker in started:
         worker.stop()
 
 
-@pytest.fixture()
-def celery_worker(worker_factory) -> WorkerProc:
-    return worker_factory()
+@pytest.fixture(scope="module")
+def celery_worker(service_env: dict[str, str], service_dir: Path, redis_url: str) -> Iterator[WorkerProc]:
+    """One worker shared by a test module (its pool child keeps torch imported between jobs)."""
+    worker = start_worker(service_env, service_dir, redis_url)
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +186,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ~6-10 s of fine-tuning on 2 shared cores: long enough to be caught running, short enough to rerun.
+SLOW_FT = {"epochs": 60}
+
+
+def result_count(sessions, job_id: str) -> int:
+    """How many cleaned-model artifacts the job's owner has (each test uses a fresh owner)."""
+    from sqlalchemy import func, select
+
+    from app.core.models import Artifact, Job
+
+    with sessions() as s:
+        owner_id = s.get(Job, job_id).owner_id
+        return s.scalar(select(func.count()).select_from(Artifact)
+                        .where(Artifact.owner_id == owner_id, Artifact.kind == "result"))
+
+
+def running_with_progress(client, job_id: str, minimum: float = 0.1):
+    job = client.get_job(job_id)
+    assert job["status"] in ("queued", "running"), job
+    return job if job["status"] == "running" and job["progress"] > minimum else None

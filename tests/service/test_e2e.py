@@ -71,3 +71,36 @@ def test_duplicate_delivery_of_finished_job_is_noop(client, celery_worker, enque
     again = client.get_job(job["id"])
     assert again["attempts"] == 1 and again["result"]["id"] == done["result"]["id"]
     assert again["finished_at"] == done["finished_at"]
+
+
+def test_cli_submit_status_download(api_server, api_key, celery_worker, digits_files, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBA_")}
+    env.update({"NBA_URL": api_server.url, "NBA_API_KEY": api_key})
+
+    def nba(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nba_core.cli", *args], env=env, text=True,
+                              capture_output=True, timeout=180)
+
+    out = tmp_path / "cleaned.safetensors"
+    submitted = nba("submit", str(digits_files["model"]), "--spec", str(digits_files["spec"]), "--data",
+                    str(digits_files["clean"]), "--method", "ft", "--params", '{"epochs": 1}', "--probe",
+                    str(digits_files["probe"]), "--probe-target", str(digits_files["target"]), "--wait",
+                    "--out", str(out))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0].strip()
+    assert "succeeded" in submitted.stdout and "attack success rate" in submitted.stdout
+    assert out.is_file() and sha256_file(out) in submitted.stdout
+
+    status = nba("status", job_id, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
+    report_path, again = tmp_path / "report.json", tmp_path / "again.safetensors"
+    downloaded = nba("download", job_id, "--out", str(again), "--report", str(report_path))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert sha256_file(again) == sha256_file(out) == json.loads(report_path.read_text())["output"]["sha256"]
+
+    missing = nba("status", "00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 3 and "not_found" in missing.stderr
