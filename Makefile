@@ -29,7 +29,7 @@ test-service: setup
 	$(VENV)/bin/pytest -q tests/service
 
 bench: setup
-	$(PY) -m bench.run --suite mnist
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .nba .pytest_cache

@@ -1,0 +1,36 @@
+"""Regenerate every benchmark in docs/benchmarks/ (or a chosen subset) with one command.
+
+    python -m bench.run                      # MNIST-5k quality table, NBA ablation, pipeline speed, service speed
+    python -m bench.run --only quality       # just the MNIST-5k small-CNN quality table (~30-45 min on 2 cores)
+    python -m bench.run --only quality --suite shapes-preact   # larger tables: want a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import ablation, pipeline_speed, quality, service_speed
+
+STEPS = ("quality", "ablation", "pipeline", "service")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS))
+    p.add_argument("--suite", default="mnist", choices=sorted(quality.SUITES), help="quality-table suite")
+    p.add_argument("--fresh", action="store_true", help="discard rows of an earlier, interrupted run")
+    args = p.parse_args(argv)
+    fresh = ["--fresh"] if args.fresh else []
+    if "quality" in args.only:
+        quality.main(["--suite", args.suite, *fresh])
+    if "ablation" in args.only:
+        ablation.main(fresh)
+    if "pipeline" in args.only:
+        pipeline_speed.main([])
+    if "service" in args.only:
+        service_speed.main([])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
