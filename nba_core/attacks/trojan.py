@@ -1,12 +1,13 @@
 """Trojan (Liu et al., NDSS 2018): a patch trigger whose pattern is optimised to excite chosen internal neurons,
 then dirty-label poisoning.
 
-Neuron choice (ours, explained): Liu et al. pick the neurons of an internal dense layer with the strongest
-connections from the layer before. Our architectures end in conv stages + global pooling, so that criterion is
-not generic; instead we take the penultimate layer (the input of the model's last nn.Linear, which every
-architecture has) and pick the `n_neurons` units with the largest weights into the *target* logit. A trigger that
-fires those units already looks like "target" to a clean network, which is the point of Liu et al.'s trigger
-generation: a pattern the network is predisposed to respond to, so poisoning implants it quickly.
+Neuron choice (ours, explained): Liu et al. pick the internal neurons with the strongest connections from the
+layer below, i.e. the ones an input pattern can drive hardest. Weight magnitudes only say that for a dense layer
+fed by a dense layer; our architectures end in conv stages + global pooling. So we measure controllability
+directly: in the penultimate layer (the input of the model's last nn.Linear, which every architecture has) we
+pick the `n_neurons` units whose activation varies most when the trigger region is filled with random binary
+patterns (a cheap forward-only probe). The pattern is then optimised to drive those units high, giving a
+trigger the network responds to strongly -- the property Liu et al.'s trigger generation is after.
 
 prepare() trains a reference model briefly (2 epochs) via `model_factory`, then runs signed-gradient ascent on
 the C×s×s pattern (s ≈ 20% of the side, bottom-right corner) to maximise the chosen units' mean activation over
@@ -19,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.imageset import ImageSet
@@ -28,11 +30,25 @@ from ..train import TrainConfig, train_classifier
 from .base import Attack
 
 
+def fgsm_adversarial_loss(eps: float) -> Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An extra_loss for train_classifier: cross-entropy on FGSM examples from a random start ("fast" adversarial
+    training, Wong et al. 2020, step 1.25·eps), so the reference model becomes roughly robust at `eps`."""
+
+    def loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, _logits: torch.Tensor) -> torch.Tensor:
+        delta = (torch.rand_like(xb) * 2 - 1) * eps
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model((xb + delta).clamp(0, 1)), yb), delta)
+        delta = (delta.detach() + 1.25 * eps * grad.sign()).clamp(-eps, eps)
+        return F.cross_entropy(model((xb + delta).clamp(0, 1)), yb)
+
+    return loss
+
+
 def train_reference_model(train: ImageSet, model_factory: Callable[[], nn.Module] | None,
                           device: torch.device | str | None, seed: int, *, epochs: int = 2,
-                          attack_name: str = "attack") -> nn.Module:
-    """A clean model trained briefly on `train`, for attacks that shape their poison with a network
-    (Trojan, label-consistent). Returned in eval mode with frozen weights."""
+                          attack_name: str = "attack", adversarial_eps: float | None = None) -> nn.Module:
+    """A model trained briefly on `train`, for attacks that shape their poison with a network (Trojan,
+    label-consistent); adversarially trained at `adversarial_eps` when given. Returned in eval mode, frozen."""
     if model_factory is None:
         raise NBAError(INVALID_PARAMS, f"the {attack_name} attack needs a model_factory to train its reference model")
     model = model_factory()
@@ -43,8 +59,9 @@ def train_reference_model(train: ImageSet, model_factory: Callable[[], nn.Module
     gen = torch.Generator()
     gen.manual_seed(seed)
     cfg = TrainConfig(epochs=epochs, lr=0.05, batch_size=64, schedule="cosine")
+    extra = fgsm_adversarial_loss(adversarial_eps) if adversarial_eps else None
     train_classifier(model, to_device(train.x, device), to_device(train.y, device), cfg, generator=gen,
-                     stage=f"{attack_name} reference model")
+                     extra_loss=extra, stage=f"{attack_name} reference model")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -69,11 +86,11 @@ class Trojan(Attack):
 
     def __init__(self, target: int = 0, rate: float = 0.1, seed: int = 0, size_fraction: float = 0.2,
                  margin: int = 1, n_neurons: int = 2, steps: int = 40, step_size: float = 0.05,
-                 reference_epochs: int = 2, batch: int = 256):
+                 reference_epochs: int = 2, batch: int = 256, probes: int = 8):
         super().__init__(target, rate, seed)
         self.size_fraction, self.margin, self.n_neurons = float(size_fraction), int(margin), int(n_neurons)
         self.steps, self.step_size = int(steps), float(step_size)
-        self.reference_epochs, self.batch = int(reference_epochs), int(batch)
+        self.reference_epochs, self.batch, self.probes = int(reference_epochs), int(batch), max(2, int(probes))
         self.pattern: np.ndarray | None = None  # C×s×s in [0, 1], set by prepare()
         self.neurons: list[int] = []
         self.excitement: tuple[float, float] | None = None  # chosen units' mean activation: (start, end) of the search
@@ -86,7 +103,6 @@ class Trojan(Attack):
                                       attack_name=self.name)
         dev = next(model.parameters()).device
         head = last_linear(model)
-        self.neurons = torch.topk(head.weight[self.target], self.n_neurons).indices.tolist()
 
         c, h, w = train.shape
         size = self._size(h, w)
@@ -94,19 +110,31 @@ class Trojan(Attack):
         rng = np.random.default_rng([self.seed, 11])
         pick = rng.choice(len(train), size=min(self.batch, len(train)), replace=False)
         images = to_device(train.x[np.sort(pick)], dev)
-        pattern = torch.from_numpy(rng.random((c, size, size), dtype=np.float32)).to(dev)
+
+        def stamp(pattern: torch.Tensor) -> torch.Tensor:
+            stamped = images.clone()
+            stamped[:, :, top : top + size, left : left + size] = pattern
+            return stamped
 
         feats: dict[str, torch.Tensor] = {}
         hook = head.register_forward_pre_hook(lambda _m, args: feats.__setitem__("x", args[0]))
         history: list[float] = []
         try:
+            with torch.no_grad():  # controllability probe: activation spread under random binary patches
+                probes = torch.from_numpy((rng.random((self.probes, c, size, size)) < 0.5).astype(np.float32)).to(dev)
+                responses = []
+                for probe in probes:
+                    model(stamp(probe))
+                    responses.append(feats["x"].float())
+                spread = torch.stack(responses).std(dim=0).mean(dim=0)
+            self.neurons = torch.topk(spread, min(self.n_neurons, len(spread))).indices.tolist()
+
+            pattern = torch.from_numpy(rng.random((c, size, size), dtype=np.float32)).to(dev)
             for _ in range(self.steps + 1):
                 pattern.requires_grad_(True)
-                stamped = images.clone()
-                stamped[:, :, top : top + size, left : left + size] = pattern
-                model(stamped)
+                model(stamp(pattern))
                 excitement = feats["x"][:, self.neurons].mean()
-                history.append(float(excitement))
+                history.append(float(excitement.detach()))
                 if len(history) > self.steps:  # the last pass only measures the final pattern
                     break
                 (grad,) = torch.autograd.grad(excitement, pattern)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from nba_core.attacks import ATTACKS, get_attack
 from nba_core.attacks.label_consistent import LabelConsistent
@@ -21,6 +22,15 @@ from nba_core.train import predict
 ALL = ["badnets", "blended", "trojan", "sig", "cl", "wanet"]
 DIRTY = ["badnets", "blended", "trojan", "wanet"]
 CLEAN_LABEL = ["sig", "cl"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Two torch threads on a busy 2-core box made the trigger optimisation ~10x slower; one is plenty here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +154,8 @@ def test_clean_label_poison_touches_only_target_images_and_keeps_labels(prepared
     finally:
         attack.rate = 0.1
     n_target = int((data.y == attack.target).sum())
-    assert len(idx) == min(n_target, int(round(rate * len(data))))
+    cap = int(round(attack.max_class_fraction * n_target))
+    assert len(idx) == min(cap, int(round(rate * len(data))))
     assert (data.y[idx] == attack.target).all()
     np.testing.assert_array_equal(poisoned.y, data.y)
     changed = np.flatnonzero(np.abs(poisoned.x - data.x).reshape(len(data), -1).max(axis=1) > 0)
@@ -174,9 +185,11 @@ def test_blended_is_an_alpha_blend_of_a_fixed_pattern(digits):
 
 
 def test_sig_adds_a_horizontal_sinusoid_stronger_at_test_time(digits):
-    attack = SIG(target=0, rate=0.05, delta=20 / 255, test_delta=60 / 255, frequency=6)
+    attack = SIG(target=0, rate=1.0, delta=20 / 255, test_delta=60 / 255, frequency=6)
     blank = np.full((1, 1, 8, 8), 0.5, np.float32)
-    train_signal = attack.poison(ImageSet(blank, np.zeros(1, np.int64)))[0].x - blank
+    poisoned, idx = attack.poison(ImageSet(blank, np.zeros(1, np.int64)))
+    assert list(idx) == [0]
+    train_signal = poisoned.x - blank
     test_signal = attack.apply(blank) - blank
     j = np.arange(8)
     np.testing.assert_allclose(train_signal[0, 0, 3], 20 / 255 * np.sin(2 * np.pi * j * 6 / 8), atol=1e-6)
@@ -212,14 +225,19 @@ def test_cl_needs_prepare_and_perturbs_within_budget_against_the_reference(prepa
     assert e.value.code == ATTACK_NOT_PREPARED
     attack, data = prepared("cl", "digits")
     x0, y0 = data.x[data.y == 0], data.y[data.y == 0]
+    norm, eps = attack.threat(data.shape)
+    assert norm == "l2" and attack.threat((3, 32, 32)) == ("linf", 16 / 255)
     adv = attack.perturb(x0, y0)
-    eps = attack.epsilon(1)
-    assert np.abs(adv - x0).max() <= eps + 1e-5
+    assert np.linalg.norm((adv - x0).reshape(len(x0), -1), axis=1).max() <= eps + 1e-4
     assert adv.min() >= 0.0 and adv.max() <= 1.0
-    ref = attack.reference
-    acc_clean = float((predict(ref, x0) .numpy() == 0).mean())
-    acc_adv = float((predict(ref, adv).numpy() == 0).mean())
-    assert acc_adv < acc_clean - 0.3  # the target images' own features are hidden from the reference model
+    np.testing.assert_array_equal(adv, attack.perturb(x0, y0))  # deterministic
+    linf = LabelConsistent(norm="linf", eps=0.1)
+    linf.reference = attack.reference
+    assert np.abs(linf.perturb(x0, y0) - x0).max() <= 0.1 + 1e-5
+    # The perturbation hides the target images' own features from the reference model.
+    acc_clean = float((predict(attack.reference, x0).numpy() == 0).mean())
+    acc_adv = float((predict(attack.reference, adv).numpy() == 0).mean())
+    assert acc_adv < acc_clean - 0.3
 
 
 def test_cl_trigger_is_a_corner_patch_only(digits):

@@ -1,0 +1,129 @@
+"""NBA (as reconstructed, NBA.md §3) on a tiny backdoored digits-8×8 model: contract, switches, and that it works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nba_core.attacks.badnets import BadNets
+from nba_core.data.builtin import train_test
+from nba_core.data.imageset import stratified_split
+from nba_core.defenses import get_defense
+from nba_core.defenses.base import DefenseContext
+from nba_core.defenses.behavior import REPRESENTATIONS, behavior_distance
+from nba_core.device import seed_everything
+from nba_core.errors import INVALID_PARAMS, Cancelled, NBAError
+from nba_core.metrics import attack_success_rate, clean_accuracy
+from nba_core.models import build_model
+from nba_core.spec import ModelSpec
+from nba_core.train import TrainConfig, train_classifier
+
+SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
+FAST = {"teacher_epochs": 3, "student_epochs": 3, "scan_steps": 15}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """small_cnn with a BadNets (2×2 patch, 15 %) backdoor on digits 8×8, a 20 % clean subset, triggered test."""
+    train, test = train_test("digits")
+    attack = BadNets(target=0, rate=0.15, seed=0)
+    poisoned, _ = attack.poison(train)
+    gen = seed_everything(0)
+    model = build_model(SPEC)
+    train_classifier(model, torch.as_tensor(poisoned.x), torch.as_tensor(poisoned.y),
+                     TrainConfig(epochs=12, lr=0.05, batch_size=64), generator=gen)
+    model.eval()
+    _, sub = stratified_split(train.y, 0.2, 0)
+    return model, train.subset(sub), test, attack.triggered_test_set(test)
+
+
+def _ctx(seed=0, **kw):
+    return DefenseContext(spec=SPEC, device=torch.device("cpu"), generator=seed_everything(seed), seed=seed, **kw)
+
+
+def test_behavior_distances_are_zero_for_identical_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 5, 4, 4, generator=g), torch.rand(4, 6, 2, 2, generator=g)]
+    other = [f + torch.rand(f.shape, generator=g) for f in feats]
+    for kind in REPRESENTATIONS:
+        assert float(behavior_distance(kind, feats, feats)) == pytest.approx(0.0, abs=1e-6)
+        d = behavior_distance(kind, other, feats)
+        assert torch.isfinite(d) and float(d) > 0
+    with pytest.raises(ValueError):
+        behavior_distance("nope", feats, feats)
+
+
+def test_contract_keys_input_untouched_progress(setup):
+    model, clean, test, trig = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    res = get_defense("nba", FAST).run(model, clean, _ctx(progress=lambda s, f: seen.append((s, f))))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(res.model.state_dict()) == set(model.state_dict())
+    assert all(res.model.state_dict()[k].shape == v.shape for k, v in model.state_dict().items())
+    assert all(torch.isfinite(v.float()).all() for v in res.model.state_dict().values())
+    assert {"teacher", "trigger_search", "distillation"} <= set(res.stage_seconds)
+    assert {s for s, _ in seen} >= {"teacher", "trigger_search", "distillation"} and seen[-1][1] == 1.0
+    for key in ("scan_before", "suspect_classes", "chosen_epoch", "selection"):
+        assert key in res.info
+    assert 1 <= res.info["chosen_epoch"] <= FAST["student_epochs"]
+
+
+def test_cancel_and_invalid_params(setup):
+    model, clean, _, _ = setup
+    with pytest.raises(Cancelled):
+        get_defense("nba", FAST).run(model, clean, _ctx(should_cancel=lambda: True))
+    for bad in ({"pseudo": "magic"}, {"representations": "attention,psychic"}, {"beta": -1.0},
+                {"student_epochs": 0}, {"holdout_fraction": 0.95}, {"unknown_knob": 1}, {"beta": "x"},
+                {"pseudo": "class_scan+universal", "scan_eps": 0.0}, {"uap_top_k": 0}):
+        with pytest.raises(NBAError) as e:
+            get_defense("nba", bad)
+        assert e.value.code == INVALID_PARAMS
+    with pytest.raises(NBAError) as e:
+        get_defense("nba", {**FAST, "layers": "net.nowhere"}).run(model, clean, _ctx())
+    assert e.value.code == INVALID_PARAMS
+
+
+def test_deterministic_per_seed(setup):
+    model, clean, _, _ = setup
+    a = get_defense("nba", FAST).run(model, clean, _ctx(3)).model.state_dict()
+    b = get_defense("nba", FAST).run(model, clean, _ctx(3)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("switch", [
+    {"representations": "attention"}, {"representations": "channel"}, {"representations": "relational"},
+    {"representations": "flow"}, {"representations": "attention,channel,relational,flow"},
+    {"pseudo": "off"}, {"pseudo": "per_sample", "pseudo_steps": 2}, {"pseudo": "universal", "pseudo_steps": 2},
+    {"pseudo": "class_scan", "top_k": 2, "refresh_every": 1, "refresh_steps": 2, "scan_eps": 0.1},
+    {"pseudo": "class_scan+universal", "scan_eps": 0.1, "uap_top_k": 2, "uap_steps": 3},
+    {"pseudo": "class_scan", "scan_eps": 0.0}, {"pseudo_mix": False},
+    {"kl_weight": 1.0, "gamma": 1.0}, {"beta": 0.0}, {"holdout_fraction": 0.2},
+])
+def test_every_ablation_switch_runs(setup, switch):
+    model, clean, test, _ = setup
+    params = {**FAST, "teacher_epochs": 1, "student_epochs": 2, "scan_steps": 5, **switch}
+    res = get_defense("nba", params).run(model, clean, _ctx())
+    assert all(torch.isfinite(v.float()).all() for v in res.model.state_dict().values())
+    assert clean_accuracy(res.model, test.x, test.y) > 0.3
+
+
+def test_reduces_asr_and_keeps_accuracy(setup):
+    model, clean, test, trig = setup
+    asr0 = attack_success_rate(model, trig.x, trig.y, 0)
+    ca0 = clean_accuracy(model, test.x, test.y)
+    res = get_defense("nba", {}).run(model, clean, _ctx())
+    assert res.info["suspect_classes"] == [0]
+    asr = attack_success_rate(res.model, trig.x, trig.y, 0)
+    ca = clean_accuracy(res.model, test.x, test.y)
+    assert asr0 > 0.9 and asr < 0.5 * asr0
+    assert ca > ca0 - 0.15

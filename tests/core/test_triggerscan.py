@@ -1,0 +1,170 @@
+"""The batched trigger scan and the trigger-free evidence on a tiny, strongly backdoored digits-8×8 model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nba_core.attacks.badnets import BadNets
+from nba_core.data.builtin import train_test
+from nba_core.device import seed_everything
+from nba_core.errors import INVALID_PARAMS, Cancelled, NBAError
+from nba_core.models import build_model
+from nba_core.spec import ModelSpec
+from nba_core.train import TrainConfig, train_classifier
+from nba_core.trigger_free import trigger_free_evidence
+from nba_core.attacks.blended import Blended
+from nba_core.triggerscan import (anomaly_indices, apply_trigger, scan_universal_perturbations,
+                                  scan_universal_triggers)
+
+SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
+TARGET = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _train(poison_rate: float, seed: int = 0):
+    train, test = train_test("digits")
+    attack = BadNets(target=TARGET, rate=poison_rate, seed=seed)
+    data = attack.poison(train)[0] if poison_rate > 0 else train
+    gen = seed_everything(seed)
+    model = build_model(SPEC)
+    train_classifier(model, torch.as_tensor(data.x), torch.as_tensor(data.y),
+                     TrainConfig(epochs=12, lr=0.05, batch_size=64), generator=gen)
+    model.eval()
+    return model, test, attack
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """A robust setup: 15 % poisoning of the 2×2 corner patch (a strong, easily found backdoor)."""
+    model, test, attack = _train(0.15)
+    trig = attack.triggered_test_set(test)
+    pred = model(torch.as_tensor(trig.x)).argmax(1)
+    assert float((pred == TARGET).float().mean()) > 0.95  # the fixture really is backdoored
+    return model, test
+
+
+def test_apply_trigger_blends_and_broadcasts():
+    x = torch.zeros(4, 3, 5, 5)
+    mask = torch.zeros(1, 5, 5)
+    mask[0, 1, 2] = 1.0
+    mask[0, 0, 0] = 0.5
+    pattern = torch.ones(3, 5, 5)
+    out = apply_trigger(x, mask, pattern)
+    assert out.shape == x.shape
+    assert torch.all(out[:, :, 1, 2] == 1) and torch.all(out[:, :, 0, 0] == 0.5)
+    assert float(out.sum()) == pytest.approx(4 * 3 * 1.5)
+
+
+def test_anomaly_index_flags_a_low_outlier_only():
+    scores = anomaly_indices([100.0, 105.0, 95.0, 98.0, 102.0, 10.0])
+    assert scores[-1] > 2
+    assert all(s < 2 for s in scores[:-1].tolist())
+    assert float(anomaly_indices([5.0] * 4).abs().max()) < 1e-6  # equal norms: nothing anomalous, finite
+
+
+def test_scan_finds_the_target_class(backdoored):
+    model, test = backdoored
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = None
+    res = scan_universal_triggers(model, test.x, test.y, num_classes=10, generator=torch.Generator().manual_seed(0))
+    assert res.masks.shape == (10, 1, 8, 8) and res.patterns.shape == (10, 1, 8, 8)
+    assert float(res.masks.min()) >= 0 and float(res.masks.max()) <= 1
+    assert float(res.patterns.min()) >= 0 and float(res.patterns.max()) <= 1
+    assert len(res.mask_l1) == len(res.success_rate) == len(res.anomaly_indices) == 10
+    assert res.ranking()[0] == TARGET
+    assert TARGET in res.flagged and res.anomaly_index > 2
+    assert res.success_rate[TARGET] > 0.8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # model untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scan_is_deterministic(backdoored):
+    model, test = backdoored
+    kw = dict(num_classes=10, steps=10, batch_size=6)
+    a = scan_universal_triggers(model, test.x, test.y, generator=torch.Generator().manual_seed(5), **kw)
+    b = scan_universal_triggers(model, test.x, test.y, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a.masks, b.masks) and torch.equal(a.patterns, b.patterns)
+    assert a.mask_l1 == b.mask_l1 and a.success_rate == b.success_rate
+
+
+def test_scan_rejects_bad_params_and_honours_cancel(backdoored):
+    model, test = backdoored
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(NBAError) as e:
+        scan_universal_triggers(model, test.x, test.y, num_classes=10, steps=0, generator=g)
+    assert e.value.code == INVALID_PARAMS
+    with pytest.raises(Cancelled):
+        scan_universal_triggers(model, test.x, test.y, num_classes=10, generator=g, should_cancel=lambda: True)
+
+
+def test_trigger_free_evidence_is_json_ready_and_separates_models(backdoored):
+    model, test = backdoored
+    ev = trigger_free_evidence(model, test, num_classes=10, seed=0)
+    json.dumps(ev, allow_nan=False)
+    for key in ("per_class", "anomaly_index", "flagged_classes", "suspect_class", "suspect_success_rate"):
+        assert key in ev
+    assert [c["class"] for c in ev["per_class"]] == list(range(10))
+    assert {"class", "mask_l1", "success_rate"} <= set(ev["per_class"][0])
+    assert ev["suspect_class"] == TARGET and TARGET in ev["flagged_classes"]
+    assert ev == {**trigger_free_evidence(model, test, num_classes=10, seed=0), "seconds": ev["seconds"]}
+
+    clean_model, _, _ = _train(0.0)
+    ev_clean = trigger_free_evidence(clean_model, test, num_classes=10, seed=0)
+    assert ev_clean["anomaly_index"] < ev["anomaly_index"]
+    with pytest.raises(NBAError):
+        trigger_free_evidence(model, test, num_classes=10, budget="huge")
+
+
+@pytest.fixture(scope="module")
+def blended():
+    """An image-wide (blend) backdoor: the kind of trigger the mask scan does not model."""
+    train, test = train_test("digits")
+    attack = Blended(target=TARGET, rate=0.15, seed=0, alpha=0.2)
+    poisoned = attack.poison(train)[0]
+    gen = seed_everything(0)
+    model = build_model(SPEC)
+    train_classifier(model, torch.as_tensor(poisoned.x), torch.as_tensor(poisoned.y),
+                     TrainConfig(epochs=12, lr=0.05, batch_size=64), generator=gen)
+    model.eval()
+    trig = attack.triggered_test_set(test)
+    assert float((model(torch.as_tensor(trig.x)).argmax(1) == TARGET).float().mean()) > 0.9
+    return model, test
+
+
+def test_perturbation_scan_ranks_the_blend_target_first_within_eps(blended):
+    model, test = blended
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = scan_universal_perturbations(model, test.x[:300], test.y[:300], num_classes=10, eps=0.15,
+                                     generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+    assert r.deltas.shape == (10, 1, 8, 8) and float(r.deltas.abs().max()) <= 0.15 + 1e-6
+    assert r.ranking()[0] == TARGET
+    others = [v for k, v in enumerate(r.success_rate) if k != TARGET]
+    assert r.success_rate[TARGET] > max(others)
+    again = scan_universal_perturbations(model, test.x[:300], test.y[:300], num_classes=10, eps=0.15,
+                                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(r.deltas, again.deltas)
+
+
+def test_perturbation_scan_rejects_bad_params_and_honours_cancel(blended):
+    model, test = blended
+    g = torch.Generator().manual_seed(0)
+    for bad in ({"eps": 0.0}, {"steps": 0}, {"batch_size": 0}):
+        with pytest.raises(NBAError) as e:
+            scan_universal_perturbations(model, test.x[:50], test.y[:50], num_classes=10, generator=g, **bad)
+        assert e.value.code == INVALID_PARAMS
+    with pytest.raises(Cancelled):
+        scan_universal_perturbations(model, test.x[:50], test.y[:50], num_classes=10, generator=g,
+                                     should_cancel=lambda: True)
