@@ -31,11 +31,12 @@ def run_unit(attack: str, seed: int, variants: dict, threads: int) -> list[dict]
     from nba_core.defenses import get_defense
     from nba_core.defenses.base import DefenseContext
     from nba_core.device import pick_device, seed_everything
-    from nba_core.experiment import backdoor_experiment
     from nba_core.metrics import defense_effectiveness_rating, evaluate_with_trigger
 
-    run = backdoor_experiment("mnist5k", attack, "small_cnn", seed)
-    test, trig, target = run.test, run.test_triggered, run.attack.target
+    from .quality import load_or_make_backdoor
+
+    run = load_or_make_backdoor("mnist5k", "small_cnn", attack, seed, "auto")  # the quality table's models
+    test, trig, target = run.test, run.test_triggered, run.target
     before = evaluate_with_trigger(run.model, test.x, test.y, trig.x, trig.y, target)
     rows = []
     for name, (params, _) in variants.items():

@@ -20,9 +20,9 @@ def defense_stage_times(seed: int = 0) -> dict:
     from nba_core.defenses import get_defense
     from nba_core.defenses.base import DefenseContext
     from nba_core.device import pick_device, seed_everything
-    from nba_core.experiment import backdoor_experiment
+    from .quality import load_or_make_backdoor
 
-    run = backdoor_experiment("mnist5k", "badnets", "small_cnn", seed)
+    run = load_or_make_backdoor("mnist5k", "small_cnn", "badnets", seed, "auto")
     out = {}
     for name in DEFENSES:
         ctx = DefenseContext(spec=run.spec, device=pick_device("auto"), generator=seed_everything(seed), seed=seed)

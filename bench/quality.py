@@ -25,6 +25,40 @@ SUITES = {
     "shapes-wrn": ("shapes32", "wrn16"),
 }
 KEY = ("dataset", "arch", "attack", "defense", "seed")
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+
+
+def load_or_make_backdoor(dataset: str, arch: str, attack: str, seed: int, device: str):
+    """The backdoored model and its data for one unit, cached on disk so that defenses added later (or a resumed
+    run) see exactly the same model and clean subset. `--fresh` clears the cache."""
+    import json
+    from types import SimpleNamespace
+
+    from nba_core.checkpoint import load_model, save_model
+    from nba_core.data.formats import load_dataset_file, save_npz
+    from nba_core.experiment import backdoor_experiment
+    from nba_core.spec import load_spec
+
+    folder = CACHE_DIR / f"{dataset}_{arch}_{attack}_s{seed}"
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        t0 = time.perf_counter()
+        run = backdoor_experiment(dataset, attack, arch, seed, device=device)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(run.model, folder / "model.safetensors", spec=run.spec)
+        (folder / "model.json").write_text(run.spec.to_json())
+        for name in ("clean_subset", "test", "test_triggered"):
+            save_npz(folder / f"{name}.npz", getattr(run, name))
+        meta_path.write_text(json.dumps({"target": run.attack.target, "seconds": time.perf_counter() - t0}))
+    meta = json.loads(meta_path.read_text())
+    spec = load_spec(str(folder / "model.json"))
+    shape = (spec.in_channels, *spec.input_size)
+    data = {name: load_dataset_file(folder / f"{name}.npz", num_classes=spec.num_classes, expect_shape=shape)
+            for name in ("clean_subset", "test", "test_triggered")}
+    from nba_core.device import pick_device, prepare_model
+
+    model = prepare_model(load_model(folder / "model.safetensors", spec), pick_device(device))
+    return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"], **data)
 
 
 def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[str, ...], device: str,
@@ -36,13 +70,11 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
     from nba_core.defenses import get_defense
     from nba_core.defenses.base import DefenseContext
     from nba_core.device import pick_device, seed_everything
-    from nba_core.experiment import backdoor_experiment
     from nba_core.metrics import defense_effectiveness_rating, evaluate_with_trigger
 
-    t0 = time.perf_counter()
-    run = backdoor_experiment(dataset, attack, arch, seed, device=device)
-    attack_seconds = time.perf_counter() - t0
-    test, trig, target = run.test, run.test_triggered, run.attack.target
+    run = load_or_make_backdoor(dataset, arch, attack, seed, device)
+    attack_seconds = run.seconds
+    test, trig, target = run.test, run.test_triggered, run.target
     before = evaluate_with_trigger(run.model, test.x, test.y, trig.x, trig.y, target)
     rows = []
     for name in defenses:
@@ -86,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     dataset, arch = SUITES[args.suite]
     stem = f"quality_{dataset}_{arch}"
     rows_path = args.out / f"{stem}.jsonl"
-    if args.fresh and rows_path.exists():
-        rows_path.unlink()
+    if args.fresh:
+        rows_path.unlink(missing_ok=True)
+        import shutil
+
+        for folder in CACHE_DIR.glob(f"{dataset}_{arch}_*"):
+            shutil.rmtree(folder)
     log = RowLog(rows_path, KEY)
     prov = provenance()
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
