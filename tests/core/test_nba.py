@@ -106,7 +106,7 @@ def test_deterministic_per_seed(setup):
     {"pseudo": "off"}, {"pseudo": "per_sample", "pseudo_steps": 2}, {"pseudo": "universal", "pseudo_steps": 2},
     {"pseudo": "class_scan", "top_k": 2, "refresh_every": 1, "refresh_steps": 2, "scan_eps": 0.1},
     {"pseudo": "class_scan+universal", "scan_eps": 0.1, "uap_top_k": 2, "uap_steps": 3},
-    {"pseudo": "class_scan", "scan_eps": 0.0}, {"pseudo_mix": False},
+    {"pseudo": "class_scan", "scan_eps": 0.0}, {"pseudo_mix": False}, {"stack_delta": True},
     {"kl_weight": 1.0, "gamma": 1.0}, {"beta": 0.0}, {"holdout_fraction": 0.2},
 ])
 def test_every_ablation_switch_runs(setup, switch):
