@@ -166,6 +166,7 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
     t_after = time.perf_counter() - t0
 
     bar.emit("save", 0.99)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     sha256 = save_model(result.model, out_path, spec=spec, metadata={"nba_method": method, "nba_seed": str(seed)})
     report = {
         "kind": "nba-sanitize-report",
