@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -26,14 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
@@ -168,6 +159,8 @@ def run_demo(*, data_dir: str | None = None, workdir: str | None = None, method:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+    from nba_core.checkpoint import sha256_file
 
     local_sha = sha256_file(cleaned)
     expected = (report.get("output") or {}).get("sha256")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.imageset import ImageSet, stratified_split
-from ..device import autocast, to_device
+from ..device import to_device
 from ..errors import INVALID_PARAMS, NBAError
 from ..models.base import SpecModel, capture_outputs
 from ..train import TrainConfig, predict_logits, train_classifier

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from nba_core.attacks import ATTACKS, get_attack
 from nba_core.attacks.label_consistent import LabelConsistent
@@ -22,15 +21,6 @@ from nba_core.train import predict
 ALL = ["badnets", "blended", "trojan", "sig", "cl", "wanet"]
 DIRTY = ["badnets", "blended", "trojan", "wanet"]
 CLEAN_LABEL = ["sig", "cl"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two torch threads on a busy 2-core box made the trigger optimisation ~10x slower; one is plenty here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from nba_core.attacks.badnets import BadNets
-from nba_core.data.builtin import train_test
-from nba_core.data.imageset import stratified_split
 from nba_core.defenses import get_defense
 from nba_core.defenses.anp import bn_layers
 from nba_core.defenses.base import DefenseContext
@@ -26,10 +23,9 @@ from nba_core.errors import INVALID_PARAMS, Cancelled, NBAError
 from nba_core.metrics import attack_success_rate, clean_accuracy
 from nba_core.models import build_model, capture_outputs
 from nba_core.models.base import SpecModel
-from nba_core.spec import ModelSpec
-from nba_core.train import TrainConfig, predict_logits, train_classifier
+from nba_core.train import predict_logits
 
-SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
+from tests.core.digits_backdoor import SPEC, backdoored_digits
 METHODS = ("ft", "fp", "nad", "anp", "ibau")
 FAST = {
     "ft": {"epochs": 4, "shift": 1},
@@ -40,29 +36,10 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def setup():
     """A small_cnn with a BadNets backdoor on digits 8×8, a 20 % clean subset, and triggered test images."""
-    train, test = train_test("digits")
-    attack = BadNets(target=0, rate=0.1, seed=0)
-    poisoned, _ = attack.poison(train)
-    gen = seed_everything(0)
-    model = build_model(SPEC)
-    train_classifier(model, torch.as_tensor(poisoned.x), torch.as_tensor(poisoned.y),
-                     TrainConfig(epochs=12, lr=0.05, batch_size=64), generator=gen)
-    model.eval()
-    _, sub_idx = stratified_split(train.y, 0.2, 0)
-    clean = train.subset(sub_idx)
-    trig = attack.triggered_test_set(test)
-    return model, clean, test, trig
+    return backdoored_digits(rate=0.1)
 
 
 def make_ctx(seed: int = 0, **kw) -> DefenseContext:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from nba_core.data.builtin import DATASET_INFO, train_test
 from nba_core.errors import INVALID_PARAMS, UNKNOWN_ARCHITECTURE, UNKNOWN_ATTACK, UNKNOWN_DATASET, NBAError
 from nba_core.experiment import BackdoorRun, backdoor_experiment, default_spec, default_train_config
 from nba_core.train import predict
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two torch threads on a busy 2-core box made the trigger optimisation ~10x slower; one is plenty here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from nba_core.attacks.badnets import BadNets
-from nba_core.data.builtin import train_test
-from nba_core.data.imageset import stratified_split
 from nba_core.defenses import get_defense
 from nba_core.defenses.base import DefenseContext
 from nba_core.defenses.behavior import REPRESENTATIONS, behavior_distance
 from nba_core.device import seed_everything
 from nba_core.errors import INVALID_PARAMS, Cancelled, NBAError
 from nba_core.metrics import attack_success_rate, clean_accuracy
-from nba_core.models import build_model
-from nba_core.spec import ModelSpec
-from nba_core.train import TrainConfig, train_classifier
 
-SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
+from tests.core.digits_backdoor import SPEC, backdoored_digits
 FAST = {"teacher_epochs": 3, "student_epochs": 3, "scan_steps": 15}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
 def setup():
     """small_cnn with a BadNets (2×2 patch, 15 %) backdoor on digits 8×8, a 20 % clean subset, triggered test."""
-    train, test = train_test("digits")
-    attack = BadNets(target=0, rate=0.15, seed=0)
-    poisoned, _ = attack.poison(train)
-    gen = seed_everything(0)
-    model = build_model(SPEC)
-    train_classifier(model, torch.as_tensor(poisoned.x), torch.as_tensor(poisoned.y),
-                     TrainConfig(epochs=12, lr=0.05, batch_size=64), generator=gen)
-    model.eval()
-    _, sub = stratified_split(train.y, 0.2, 0)
-    return model, train.subset(sub), test, attack.triggered_test_set(test)
+    return backdoored_digits(rate=0.15)
 
 
 def _ctx(seed=0, **kw):
