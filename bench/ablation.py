@@ -19,7 +19,17 @@ from .common import OUT_DIR, RowLog, fmt_pct, provenance
 
 # name -> (overrides, what it tests). Filled from NBAConfig's switches.
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "default": ({}, "NBA defaults"),
+    "default": ({}, "NBA defaults: attention, class scan + universal δ, pseudo CE 2, no KL, no γ"),
+    "pseudo_off": ({"pseudo": "off"}, "no pseudo samples: behaviour alignment on clean inputs only (NAD-like)"),
+    "pseudo_per_sample": ({"pseudo": "per_sample"}, "untargeted per-sample δ maximising S/T disagreement"),
+    "pseudo_universal": ({"pseudo": "universal"}, "untargeted universal δ maximising S/T disagreement"),
+    "pseudo_class_scan": ({"pseudo": "class_scan", "scan_eps": 0.0}, "class scan (mask+pattern) only, no δ"),
+    "with_kl": ({"kl_weight": 1.0}, "adds the logit term KL(T(x̃)‖S(x̃))"),
+    "with_gamma": ({"gamma": 1.0}, "adds behaviour alignment on pseudo samples"),
+    "no_clean_alignment": ({"beta": 0.0}, "β = 0: no behaviour alignment on clean inputs"),
+    "repr_channel": ({"representations": "channel"}, "channel behaviour instead of attention"),
+    "repr_relational": ({"representations": "relational"}, "relational (Gram) behaviour instead of attention"),
+    "repr_all": ({"representations": "attention,channel,relational,flow"}, "all four representations"),
 }
 KEY = ("attack", "seed", "variant")
 
@@ -86,7 +96,7 @@ def write_report(rows: list[dict], out: Path, prov: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="NBA ablation on MNIST-5k.")
-    p.add_argument("--attacks", nargs="+", default=["badnets", "blended", "wanet"])
+    p.add_argument("--attacks", nargs="+", default=["badnets", "blended", "sig", "wanet"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
