@@ -33,7 +33,7 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
-def _stage(cin: int, cout: int, stride: int, blocks: int = 2) -> nn.Sequential:
+def preact_stage(cin: int, cout: int, stride: int, blocks: int = 2) -> nn.Sequential:
     layers = [PreActBlock(cin, cout, stride)]
     layers += [PreActBlock(cout, cout, 1) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
@@ -47,10 +47,10 @@ class PreActResNet18(nn.Module):
         super().__init__()
         w = 64
         self.conv1 = nn.Conv2d(in_channels, w, 3, stride=1, padding=1, bias=False)
-        self.layer1 = _stage(w, w, 1)
-        self.layer2 = _stage(w, 2 * w, 2)
-        self.layer3 = _stage(2 * w, 4 * w, 2)
-        self.layer4 = _stage(4 * w, 8 * w, 2)
+        self.layer1 = preact_stage(w, w, 1)
+        self.layer2 = preact_stage(w, 2 * w, 2)
+        self.layer3 = preact_stage(2 * w, 4 * w, 2)
+        self.layer4 = preact_stage(4 * w, 8 * w, 2)
         # Pre-activation nets end with one BN-ReLU after the last addition.
         self.bn = nn.BatchNorm2d(8 * w)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -9,31 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import NBAError, SPEC_INVALID
-
-
-class WideBlock(nn.Module):
-    """BN-ReLU-conv3×3 ×2; when the width or stride changes, a 1×1 projection of the activated input is the
-    shortcut (as in the reference implementation), otherwise the raw input is."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = torch.relu(self.bn1(x))  # not in-place: x may be a captured group output
-        skip = self.shortcut(pre) if self.shortcut is not None else x
-        out = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
-        return out + skip
-
-
-def _group(cin: int, cout: int, stride: int, blocks: int) -> nn.Sequential:
-    return nn.Sequential(WideBlock(cin, cout, stride), *[WideBlock(cout, cout, 1) for _ in range(blocks - 1)])
+from .preact_resnet import preact_stage
 
 
 class WideResNet16(nn.Module):
@@ -49,9 +25,10 @@ class WideResNet16(nn.Module):
         blocks = (self.depth - 4) // 6  # 2 blocks per group for depth 16
         widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.block1 = _group(widths[0], widths[1], 1, blocks)
-        self.block2 = _group(widths[1], widths[2], 2, blocks)
-        self.block3 = _group(widths[2], widths[3], 2, blocks)
+        # WRN's block is the pre-activation residual block (1×1 projection of the activated input).
+        self.block1 = preact_stage(widths[0], widths[1], 1, blocks)
+        self.block2 = preact_stage(widths[1], widths[2], 2, blocks)
+        self.block3 = preact_stage(widths[2], widths[3], 2, blocks)
         self.final_act = nn.Sequential(nn.BatchNorm2d(widths[3]), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
