@@ -19,7 +19,7 @@ from .common import OUT_DIR, RowLog, fmt_pct, provenance
 
 # name -> (overrides, what it tests). Filled from NBAConfig's switches.
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "default": ({}, "NBA defaults: attention, class scan + universal δ, pseudo CE 2, no KL, no γ"),
+    "default": ({}, "NBA defaults: attention, class scan + universal δ, pseudo CE 2, suspect KD 1, no KL, no γ"),
     "pseudo_off": ({"pseudo": "off"}, "no pseudo samples: behaviour alignment on clean inputs only (NAD-like)"),
     "pseudo_per_sample": ({"pseudo": "per_sample"}, "untargeted per-sample δ maximising S/T disagreement"),
     "pseudo_universal": ({"pseudo": "universal"}, "untargeted universal δ maximising S/T disagreement"),
@@ -29,6 +29,11 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no_clean_alignment": ({"beta": 0.0}, "β = 0: no behaviour alignment on clean inputs"),
     "repr_channel": ({"representations": "channel"}, "channel behaviour instead of attention"),
     "repr_relational": ({"representations": "relational"}, "relational (Gram) behaviour instead of attention"),
+    "no_suspect_kd": ({"suspect_kd": 0.0}, "drops KL(B(x)‖S(x)) on clean inputs (B = the suspect model, T = 2)"),
+    "suspect_kd_0.3": ({"suspect_kd": 0.3}, "that KL at weight 0.3 instead of 1"),
+    "suspect_kd_2": ({"suspect_kd": 2.0}, "that KL at weight 2 instead of 1"),
+    "student_lr_0.005": ({"student_lr": 0.005}, "student learning rate halved"),
+    "student_epochs_10": ({"student_epochs": 10}, "half the student epochs"),
     "repr_all": ({"representations": "attention,channel,relational,flow"}, "all four representations"),
 }
 KEY = ("attack", "seed", "variant")
@@ -66,16 +71,16 @@ def run_unit(attack: str, seed: int, variants: dict, threads: int) -> list[dict]
     return rows
 
 
-def write_report(rows: list[dict], out: Path, prov: dict) -> None:
+def write_report(rows: list[dict], out: Path, prov: dict, stem: str = "ablation_nba", title: str = "NBA ablation") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation_nba.json").write_text(json.dumps({"provenance": prov, "variants": {
+    (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "variants": {
         k: {"params": v[0], "tests": v[1]} for k, v in VARIANTS.items()}, "rows": rows}, indent=1) + "\n")
     attacks = sorted({r["attack"] for r in rows}, key=lambda a: ["badnets", "blended", "trojan", "sig", "cl", "wanet"].index(a)
                      if a in ("badnets", "blended", "trojan", "sig", "cl", "wanet") else 9)
     by = defaultdict(list)
     for r in rows:
         by[(r["variant"], r["attack"])].append(r)
-    lines = ["# NBA ablation (MNIST-5k, small CNN)", "",
+    lines = [f"# {title} (MNIST-5k, small CNN)", "",
              f"Commit `{prov['commit']}`{' (dirty tree)' if prov.get('dirty') else ''}; {prov['machine']}; "
              f"{prov['when']}. Seeds: {sorted({r['seed'] for r in rows})}. Cells: CA after / ASR after (%), mean ± std.",
              "", "| variant | what it tests | " + " | ".join(attacks) + " | avg CA drop | avg ASR | avg DER | s |",
@@ -91,7 +96,7 @@ def write_report(rows: list[dict], out: Path, prov: dict) -> None:
                      f" | {100 * sum(r['ca_before'] - r['ca_after'] for r in rs) / n:.1f} | "
                      f"{100 * sum(r['asr_after'] for r in rs) / n:.1f} | {100 * sum(r['der'] for r in rs) / n:.1f} | "
                      f"{sum(r['seconds'] for r in rs) / n:.0f} |")
-    (out / "ablation_nba.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--stem", default="ablation_nba", help="output file names (another stem keeps runs apart)")
+    p.add_argument("--title", default="NBA ablation")
     args = p.parse_args(argv)
-    path = args.out / "ablation_nba.jsonl"
+    path = args.out / f"{args.stem}.jsonl"
     if args.fresh and path.exists():
         path.unlink()
     log = RowLog(path, KEY)
@@ -123,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in fut.result():
                 log.add(row | {"commit": prov["commit"]})
             print(f"  done {futures[fut]} after {time.perf_counter() - t0:.0f} s", flush=True)
-    write_report(log.rows, args.out, prov | {"wall_seconds": time.perf_counter() - t0})
-    print(f"wrote {args.out / 'ablation_nba.md'}")
+    write_report(log.rows, args.out, prov | {"wall_seconds": time.perf_counter() - t0}, args.stem, args.title)
+    print(f"wrote {args.out / args.stem}.md")
     return 0
 
 

@@ -7,6 +7,7 @@ on the device (no DataLoader, no host round trips) -- the airbench way.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -132,6 +133,17 @@ def train_classifier(
         progress(stage, (epoch + 1) / cfg.epochs)
     model.eval()
     return log
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run a block with `model` in eval mode (BatchNorm statistics frozen), restoring train/eval mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

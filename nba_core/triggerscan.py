@@ -21,7 +21,7 @@ from torch import nn
 
 from .device import autocast
 from .errors import INVALID_PARAMS, Cancelled, NBAError
-from .train import CancelFn, never_cancel
+from .train import CancelFn, eval_mode, never_cancel
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the std under normality
 ANOMALY_THRESHOLD = 2.0  # Neural Cleanse's cut-off
@@ -136,9 +136,7 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classe
     best_l1 = torch.full((n_cls,), float("inf"), device=device)
     best_mask = torch.sigmoid(mask_logit.detach()).clone()
     best_pattern = torch.sigmoid(pattern_logit.detach()).clone()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(steps):
             if should_cancel():
                 raise Cancelled()
@@ -164,8 +162,6 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classe
                 lam = torch.where(ok, lam * LAM_UP, lam / LAM_UP).clamp(1e-3, 1e3)
             mask_logit.grad, pattern_logit.grad = g_m, g_p
             opt.step()
-    finally:
-        model.train(was_training)
     with torch.no_grad():
         # A class that never reached the threshold keeps its final (large) mask.
         never = torch.isinf(best_l1)
@@ -198,12 +194,8 @@ def scan_universal_triggers(model: nn.Module, x_clean: torch.Tensor, y_clean: to
     masks, patterns, n = optimise_triggers(model, x_opt, y_opt, classes, steps=steps, batch_size=batch_size,
                                            l1_weight=l1_weight, lr=lr, generator=generator, mask_init=mask_init,
                                            should_cancel=should_cancel)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         rates = trigger_success(model, x[held_idx], y[held_idx], masks, patterns)
-    finally:
-        model.train(was_training)
     l1 = masks.flatten(1).sum(1).cpu()
     scores = anomaly_indices(l1)
     order = torch.argsort(l1).tolist()
@@ -248,9 +240,7 @@ def scan_universal_perturbations(model: nn.Module, x_clean: torch.Tensor, y_clea
     targets = torch.tensor(classes, device=device).repeat_interleave(batch_size)
     delta = torch.zeros(num_classes, *x.shape[1:], device=device)
     step = 2.5 * eps / steps
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(steps):
             if should_cancel():
                 raise Cancelled()
@@ -270,6 +260,4 @@ def scan_universal_perturbations(model: nn.Module, x_clean: torch.Tensor, y_clea
                 with autocast(device):
                     pred = model((xs + delta[k]).clamp(0, 1)).argmax(1)
                 rates.append(float((pred == k).float().mean()) if len(xs) else 0.0)
-    finally:
-        model.train(was_training)
     return PerturbationScan(deltas=delta.detach().cpu(), success_rate=rates, eps=eps)

@@ -60,7 +60,8 @@ def test_cancel_and_invalid_params(setup):
         get_defense("nba", FAST).run(model, clean, _ctx(should_cancel=lambda: True))
     for bad in ({"pseudo": "magic"}, {"representations": "attention,psychic"}, {"beta": -1.0},
                 {"student_epochs": 0}, {"holdout_fraction": 0.95}, {"unknown_knob": 1}, {"beta": "x"},
-                {"pseudo": "class_scan+universal", "scan_eps": 0.0}, {"uap_top_k": 0}):
+                {"pseudo": "class_scan+universal", "scan_eps": 0.0}, {"uap_top_k": 0}, {"kd_temperature": 0.0},
+                {"suspect_kd": -0.5}):
         with pytest.raises(NBAError) as e:
             get_defense("nba", bad)
         assert e.value.code == INVALID_PARAMS
@@ -83,7 +84,7 @@ def test_deterministic_per_seed(setup):
     {"pseudo": "class_scan", "top_k": 2, "refresh_every": 1, "refresh_steps": 2, "scan_eps": 0.1},
     {"pseudo": "class_scan+universal", "scan_eps": 0.1, "uap_top_k": 2, "uap_steps": 3},
     {"pseudo": "class_scan", "scan_eps": 0.0}, {"pseudo_mix": False}, {"stack_delta": True},
-    {"kl_weight": 1.0, "gamma": 1.0}, {"beta": 0.0}, {"holdout_fraction": 0.2},
+    {"kl_weight": 1.0, "gamma": 1.0}, {"beta": 0.0}, {"holdout_fraction": 0.2}, {"suspect_kd": 1.0},
 ])
 def test_every_ablation_switch_runs(setup, switch):
     model, clean, test, _ = setup
@@ -91,6 +92,22 @@ def test_every_ablation_switch_runs(setup, switch):
     res = get_defense("nba", params).run(model, clean, _ctx())
     assert all(torch.isfinite(v.float()).all() for v in res.model.state_dict().values())
     assert clean_accuracy(res.model, test.x, test.y) > 0.3
+
+
+def test_suspect_kd_keeps_the_student_close_to_the_suspect_on_clean_inputs(setup):
+    model, clean, test, _ = setup
+    params = {**FAST, "pseudo": "off", "beta": 0.0, "suspect_kd": 0.0}
+
+    x = torch.as_tensor(test.x)
+
+    def kl_to_suspect(student):
+        with torch.no_grad():
+            return float(torch.nn.functional.kl_div(student(x).log_softmax(1), model(x).log_softmax(1),
+                                                    log_target=True, reduction="batchmean"))
+
+    free = kl_to_suspect(get_defense("nba", params).run(model, clean, _ctx()).model)
+    anchored = kl_to_suspect(get_defense("nba", {**params, "suspect_kd": 1.0}).run(model, clean, _ctx()).model)
+    assert anchored < 0.7 * free
 
 
 def test_reduces_asr_and_keeps_accuracy(setup):

@@ -159,3 +159,22 @@ def test_perturbation_scan_rejects_bad_params_and_honours_cancel(blended):
     with pytest.raises(Cancelled):
         scan_universal_perturbations(model, test.x[:50], test.y[:50], num_classes=10, generator=g,
                                      should_cancel=lambda: True)
+
+
+def test_scans_leave_the_model_mode_and_batchnorm_statistics_as_they_found_them(backdoored):
+    model, test = backdoored
+    x, y = torch.as_tensor(test.x[:60]), torch.as_tensor(test.y[:60])
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert stats  # the model has BatchNorm, so a scan in train mode would move these
+    for mode in (True, False):
+        model.train(mode)
+        scan_universal_triggers(model, x, y, num_classes=10, steps=3, generator=seed_everything(0))
+        scan_universal_perturbations(model, x, y, num_classes=10, steps=2, generator=seed_everything(0))
+        assert model.training is mode
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    model.train(True)
+    with pytest.raises(Cancelled):  # restored on the way out of an exception too
+        scan_universal_triggers(model, x, y, num_classes=10, steps=3, generator=seed_everything(0),
+                                should_cancel=lambda: True)
+    assert model.training
+    model.eval()
