@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--fresh", action="store_true", help="ignore rows from an earlier (interrupted) run")
     p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--note", default="", help="a line the report must carry (e.g. what else shared the machine)")
     args = p.parse_args(argv)
 
     dataset, arch = SUITES[args.suite]
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     log.add(row | {"commit": prov["commit"]})
             print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
     write_quality_report(log.rows, args.out, stem, prov | {"wall_seconds": time.perf_counter() - t0,
-                                                            "suite": args.suite, "jobs": args.jobs})
+                                                            "suite": args.suite, "jobs": args.jobs,
+                                                            **({"note": args.note} if args.note else {})})
     print(f"wrote {args.out / stem}.{{json,md,png}}")
     return 0
 

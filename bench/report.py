@@ -17,6 +17,38 @@ def _ordered(values, order):
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
 
+MIN_SEEDS = 3  # the protocol's minimum (NBA.md §4)
+
+
+def completeness_notes(rows: list[dict], prov: dict) -> list[str]:
+    """What a reader must know before trusting the table: a run's own note, missing cells or seeds, rows that come
+    from more than one commit, and any (attack, seed) whose defenses did not all start from the same model."""
+    notes = [prov["note"]] if prov.get("note") else []
+    seeds = sorted({r["seed"] for r in rows})
+    cells = defaultdict(set)
+    for r in rows:
+        cells[(r["attack"], r["defense"])].add(r["seed"])
+    missing = [f"{a}/{d}" for a in ATTACK_ORDER for d in DEFENSE_ORDER if not cells.get((a, d))]
+    thin = sorted(f"{a}/{d} ({len(s)})" for (a, d), s in cells.items() if len(s) < max(MIN_SEEDS, len(seeds)))
+    if missing or thin or len(seeds) < MIN_SEEDS:
+        notes.append("PARTIAL: " + "; ".join(filter(None, [
+            f"{len(seeds)} seed(s) {seeds}, the protocol asks for {MIN_SEEDS}" if len(seeds) < MIN_SEEDS else "",
+            f"no rows for {', '.join(missing)}" if missing else "",
+            f"fewer seeds in {', '.join(thin)}" if thin and len(seeds) >= MIN_SEEDS else ""])) + ".")
+    commits = defaultdict(int)
+    for r in rows:
+        commits[str(r.get("commit", "?"))[:10]] += 1
+    if len(commits) > 1:
+        notes.append("Rows come from several commits: " + ", ".join(f"`{c}` ({n})" for c, n in sorted(commits.items())) + ".")
+    before = defaultdict(set)
+    for r in rows:
+        before[(r["attack"], r["seed"])].add((round(r["ca_before"], 6), round(r["asr_before"], 6)))
+    mixed = sorted(f"{a} seed {s}" for (a, s), v in before.items() if len(v) > 1)
+    if mixed:
+        notes.append("WARNING: defenses did not all start from the same backdoored model in " + ", ".join(mixed) + ".")
+    return notes
+
+
 def quality_markdown(rows: list[dict], prov: dict) -> str:
     by = defaultdict(list)
     for r in rows:
@@ -33,6 +65,9 @@ def quality_markdown(rows: list[dict], prov: dict) -> str:
              "set; CA on the clean test set, ASR/RA on non-target test images with the trigger; "
              "DER = (max(0, ΔASR) − max(0, ΔCA) + 1) / 2. Defaults only: nothing is tuned per attack or on the test "
              "trigger.", ""]
+    notes = completeness_notes(rows, prov)
+    if notes:
+        lines[2:2] = [f"> {note}" for note in notes] + [""]
 
     def table(title: str, cell) -> None:
         lines.extend([f"## {title}", "", "| attack | " + " | ".join(LABEL.get(d, d) for d in defenses) + " |",

@@ -1,0 +1,34 @@
+"""The quality report says when a table is partial, mixes commits, or compares defenses on different models."""
+
+from __future__ import annotations
+
+from bench.report import ATTACK_ORDER, DEFENSE_ORDER, completeness_notes, quality_markdown
+
+
+def _rows(seeds=(0, 1, 2), commit="abc", ca_before=0.98):
+    return [{"dataset": "d", "arch": "a", "attack": a, "defense": d, "seed": s, "ca_before": ca_before,
+             "asr_before": 1.0, "ca_after": 0.97, "asr_after": 0.01, "ra_after": 0.9, "der": 0.99, "seconds": 1.0,
+             "commit": commit} for a in ATTACK_ORDER for d in DEFENSE_ORDER for s in seeds]
+
+
+def test_a_complete_table_from_one_commit_needs_no_note():
+    assert completeness_notes(_rows(), {}) == []
+    assert "PARTIAL" not in quality_markdown(_rows(), {"commit": "abc"})
+
+
+def test_missing_seeds_cells_and_mixed_commits_are_reported():
+    notes = " ".join(completeness_notes(_rows(seeds=(0,)), {"note": "run on a CPU"}))
+    assert "run on a CPU" in notes and "PARTIAL" in notes and "1 seed(s)" in notes
+    rows = [r for r in _rows() if not (r["defense"] == "nba" and r["seed"] == 2)] + _rows(seeds=(3,), commit="def")
+    notes = " ".join(completeness_notes(rows, {}))
+    assert "fewer seeds in" in notes and "nba" in notes and "several commits" in notes
+    assert "> PARTIAL" in quality_markdown(rows, {"commit": "def"})
+
+
+def test_defenses_on_different_models_of_one_unit_are_flagged():
+    rows = _rows()
+    for r in rows:
+        if r["defense"] == "nba" and r["attack"] == "sig" and r["seed"] == 1:
+            r["ca_before"] = 0.97
+    notes = " ".join(completeness_notes(rows, {}))
+    assert "WARNING" in notes and "sig seed 1" in notes
