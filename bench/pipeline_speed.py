@@ -1,6 +1,6 @@
-"""Pipeline speed: per-defense wall time by stage, the batched class scan against a per-class loop, one full
-`sanitize` run, and (when CUDA is present) training throughput of the device-resident bf16/channels_last loop
-against a plain DataLoader/fp32 reference loop on PreAct-ResNet18 with 2,500 32×32 images.
+"""Pipeline speed on the machine at hand: per-defense wall time by stage, the batched class scan against a
+per-class loop, and one full `sanitize` run. The GPU ladder (device-resident data, bf16, channels_last, batched
+scan against a plain reference loop) is bench/gpu_speed.py.
 """
 
 from __future__ import annotations
@@ -74,60 +74,6 @@ def full_sanitize(run) -> dict:
     return {"method": "nba", "wall_seconds": wall, "timing": report["timing"]}
 
 
-def gpu_throughput(n_images: int = 2500, epochs: int = 3) -> dict:
-    """Images/s of a plain reference loop vs the library's loop, on the same GPU in the same run."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader, TensorDataset
-
-    if not torch.cuda.is_available():
-        return {"available": False, "note": "no CUDA device in this run"}
-    from nba_core.device import pick_device, prepare_model, seed_everything, to_device
-    from nba_core.experiment import default_spec
-    from nba_core.models import build_model
-    from nba_core.train import TrainConfig, train_classifier
-
-    dev = pick_device("cuda")
-    gen = seed_everything(0)
-    x = torch.rand(n_images, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (n_images,), generator=gen)
-    spec = default_spec("shapes32", "preact_resnet18")
-
-    model = build_model(spec).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        for xb, yb in loader:
-            xb, yb = xb.to(dev), yb.to(dev)
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.cuda.synchronize()
-    ref = epochs * n_images / (time.perf_counter() - t0)
-
-    model = prepare_model(build_model(spec), dev)
-    xd, yd = to_device(x, dev), to_device(y, dev)
-    cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=128, shift=2, hflip=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    train_classifier(model, xd, yd, cfg, generator=gen)
-    torch.cuda.synchronize()
-    ours = epochs * n_images / (time.perf_counter() - t0)
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        F.cross_entropy(model(xd[:128]), yd[:128]).backward()
-    flops_per_image = fc.get_total_flops() / 128
-    return {"available": True, "device": torch.cuda.get_device_name(0), "images": n_images, "epochs": epochs,
-            "reference_images_per_s": ref, "nba_core_images_per_s": ours, "speedup": ours / ref,
-            "train_flops_per_image": flops_per_image,
-            "nba_core_tflops": ours * flops_per_image / 1e12}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=OUT_DIR)
@@ -136,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = defense_stage_times()
     run = stages.pop("run")
     result = {"provenance": prov, "defense_stage_times": stages, "class_scan": scan_batched_vs_loop(run),
-              "sanitize_nba": full_sanitize(run), "gpu": gpu_throughput()}
+              "sanitize_nba": full_sanitize(run)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline_speed.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Pipeline speed", "", f"Commit `{prov['commit']}`; machine {prov['machine']}; {prov['when']}.", "",
@@ -153,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               "## One `nba sanitize --method nba` (pipeline incl. trigger-free evidence before and after)", "",
               f"{result['sanitize_nba']['wall_seconds']:.1f} s wall: " + ", ".join(
                   f"{k} {v:.1f}" for k, v in result["sanitize_nba"]["timing"].items() if isinstance(v, float)), "",
-              "## GPU", ""]
-    g = result["gpu"]
-    if g["available"]:
-        lines.append(f"{g['device']}: reference loop {g['reference_images_per_s']:.0f} img/s, nba_core loop "
-                     f"{g['nba_core_images_per_s']:.0f} img/s (×{g['speedup']:.2f}), {g['nba_core_tflops']:.1f} TFLOP/s.")
-    else:
-        lines.append("No GPU was available to this run; the GPU comparison was not measured.")
+              "The GPU comparison is a separate run: `python -m bench.gpu_speed` (docs/benchmarks/gpu_speed.md)."]
     (args.out / "pipeline_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -3,15 +3,16 @@
     python -m bench.run                      # MNIST-5k quality table, NBA ablation, pipeline speed, service speed
     python -m bench.run --only quality       # just the MNIST-5k small-CNN quality table (~30-45 min on 2 cores)
     python -m bench.run --only quality --suite shapes-preact   # larger tables: want a GPU
+    python -m bench.run --only gpu           # the GPU ladder (bench/gpu_speed.py); skipped without CUDA
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import ablation, pipeline_speed, quality, service_speed
+from . import ablation, gpu_speed, pipeline_speed, quality, service_speed
 
-STEPS = ("quality", "ablation", "pipeline", "service")
+STEPS = ("quality", "ablation", "pipeline", "gpu", "service")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         ablation.main(fresh)
     if "pipeline" in args.only:
         pipeline_speed.main([])
+    if "gpu" in args.only:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_speed.main([])
+        else:
+            print("bench: no CUDA device, the GPU ladder (bench/gpu_speed.py) is skipped")
     if "service" in args.only:
         service_speed.main([])
     return 0

@@ -1,7 +1,9 @@
-"""The quality report says when a table is partial, mixes commits, or compares defenses on different models."""
+"""Benchmark code that outside readers rely on: the quality report's honesty notes, and the GPU ladder (run on the
+CPU here, so that its code paths are exercised before a GPU is ever lent)."""
 
 from __future__ import annotations
 
+from bench.gpu_speed import markdown, scan_ladder, training_ladder
 from bench.report import ATTACK_ORDER, DEFENSE_ORDER, completeness_notes, quality_markdown
 
 
@@ -32,3 +34,15 @@ def test_defenses_on_different_models_of_one_unit_are_flagged():
             r["ca_before"] = 0.97
     notes = " ".join(completeness_notes(rows, {}))
     assert "WARNING" in notes and "sig seed 1" in notes
+
+
+def test_gpu_ladder_code_runs_on_the_cpu_and_reports_every_step():
+    training = training_ladder("cpu", arch="small_cnn", n_images=64, epochs=1, batch_size=32)
+    names = [r["step"] for r in training["steps"]]
+    assert names[0].startswith("reference") and names[-1].startswith("nba_core") and len(names) == 5
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in training["steps"])
+    assert training["steps"][0]["speedup_vs_reference"] == 1.0 and training["peak_bf16_tflops"] is None
+    scan = scan_ladder("cpu", arch="small_cnn", n_images=40, steps=2, batch_size=2)
+    assert scan["per_class_loop_seconds"] > 0 and scan["batched_seconds"] > 0
+    text = markdown({"training": training, "class_scan": scan}, {"commit": "abc", "when": "now"})
+    assert "reference: DataLoader" in text and "Class scan" in text
