@@ -86,6 +86,13 @@ class NBAConfig:
     holdout_fraction: float = 0.0
 
 
+def _kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(target/T) ‖ softmax(logits/T)) · T², batch mean (T² keeps gradients comparable across T)."""
+    return temperature * temperature * F.kl_div(F.log_softmax(logits / temperature, 1),
+                                                F.log_softmax(target_logits / temperature, 1),
+                                                log_target=True, reduction="batchmean")
+
+
 class _Pseudo:
     """Makes pseudo samples x̃ from a clean batch; `score_batch` says how backdoor-like S is on them."""
 
@@ -198,7 +205,7 @@ class _DisagreementPseudo(_Pseudo):
             t_logits = teacher(x).float()
             sf = [fs[n] for n in self.layers]
             tf = [ft[n] for n in self.layers]
-        obj = F.kl_div(F.log_softmax(t_logits, 1), F.log_softmax(s_logits, 1), log_target=True, reduction="batchmean")
+        obj = _kl(s_logits, t_logits)
         for kind in self.reps:
             obj = obj + behavior_distance(kind, sf, tf)
         return obj
@@ -321,14 +328,15 @@ class NBA(Defense):
             ctx.progress("trigger_search", 1.0)
 
         student = copy.deepcopy(model)
-        model.eval()  # the suspect is only a reference from here on (suspect_kd): BatchNorm in inference mode
         student.train()
         for p in student.parameters():
             p.requires_grad_(True)
         selection: list[dict] = []
         best = {"score": -float("inf"), "epoch": 0, "state": copy.deepcopy(student.state_dict())}
 
-        with timer("distillation"), capture_outputs(student, layers) as s_store, \
+        # The suspect is only a reference from here on (suspect_kd): BatchNorm in inference mode, the caller's
+        # train/eval mode restored afterwards.
+        with timer("distillation"), eval_mode(model), capture_outputs(student, layers) as s_store, \
                 capture_outputs(teacher, layers) as t_store:
 
             def extra_loss(m, xb, yb, logits):
@@ -341,12 +349,9 @@ class NBA(Defense):
                     for kind in reps:
                         loss = loss + cfg.beta * behavior_distance(kind, s_feats, t_feats)
                 if cfg.suspect_kd > 0:
-                    temp = cfg.kd_temperature
                     with torch.no_grad():
                         b_logits = model(xb).float()
-                    loss = loss + cfg.suspect_kd * temp * temp * F.kl_div(
-                        F.log_softmax(logits.float() / temp, 1), F.log_softmax(b_logits / temp, 1),
-                        log_target=True, reduction="batchmean")
+                    loss = loss + cfg.suspect_kd * _kl(b_logits, logits.float(), cfg.kd_temperature)
                 if pseudo is not None and (cfg.gamma > 0 or cfg.kl_weight > 0 or cfg.pseudo_ce > 0):
                     x_t = pseudo.make(m, teacher, xb, yb)
                     # Keep every other image clean: in a batch where EVERY image carries the trigger, BatchNorm's
@@ -363,8 +368,7 @@ class NBA(Defense):
                         for kind in reps:
                             loss = loss + cfg.gamma * behavior_distance(kind, s_feats, t_feats)
                     if cfg.kl_weight > 0:
-                        loss = loss + cfg.kl_weight * F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1),
-                                                               log_target=True, reduction="batchmean")
+                        loss = loss + cfg.kl_weight * _kl(t_logits, s_logits)
                     if cfg.pseudo_ce > 0:
                         loss = loss + cfg.pseudo_ce * F.cross_entropy(s_logits, yb)
                 return loss

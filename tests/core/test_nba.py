@@ -54,6 +54,16 @@ def test_contract_keys_input_untouched_progress(setup):
     assert 1 <= res.info["chosen_epoch"] <= FAST["student_epochs"]
 
 
+def test_leaves_the_callers_train_eval_mode_alone(setup):
+    model, clean, _, _ = setup
+    model.train()
+    try:
+        get_defense("nba", {**FAST, "teacher_epochs": 1, "student_epochs": 1, "scan_steps": 3}).run(model, clean, _ctx())
+        assert model.training
+    finally:
+        model.eval()
+
+
 def test_cancel_and_invalid_params(setup):
     model, clean, _, _ = setup
     with pytest.raises(Cancelled):
