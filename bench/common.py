@@ -72,3 +72,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def fmt_pct(values: list[float]) -> str:
     m, s = mean_std(values)
     return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def timed(fn, device) -> float:
+    """Wall seconds of fn(), with the device's queue drained before and after (CUDA runs asynchronously)."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from .common import OUT_DIR, provenance
+from .common import OUT_DIR, provenance, timed
+from .pipeline_speed import time_class_scan
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -27,13 +27,6 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def _peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _plain_loop(model, x, y, dev, *, epochs: int, batch_size: int, on_device: bool, bf16: bool,
@@ -68,14 +61,6 @@ def _plain_loop(model, x, y, dev, *, epochs: int, batch_size: int, on_device: bo
             opt.step()
 
 
-def _timed(fn, dev) -> float:
-    _sync(dev)
-    t0 = time.perf_counter()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t0
-
-
 def training_ladder(device: str = "cuda", arch: str = "preact_resnet18", n_images: int = 2500, epochs: int = 3,
                     batch_size: int = 128) -> dict:
     import torch
@@ -101,14 +86,14 @@ def training_ladder(device: str = "cuda", arch: str = "preact_resnet18", n_image
         model = build_model(spec).to(dev)
         # One untimed epoch first: CUDA context, cuDNN autotuning and allocator warm-up are not throughput.
         _plain_loop(model, x, y, dev, epochs=1, batch_size=batch_size, generator=gen, **flags)
-        seconds = _timed(lambda: _plain_loop(model, x, y, dev, epochs=epochs, batch_size=batch_size,
+        seconds = timed(lambda: _plain_loop(model, x, y, dev, epochs=epochs, batch_size=batch_size,
                                              generator=gen, **flags), dev)
         rows.append({"step": name, "images_per_s": epochs * n_images / seconds, **flags})
     model = prepare_model(build_model(spec), dev)
     xd, yd = to_device(x, dev), to_device(y, dev)
     cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=batch_size, shift=2, hflip=True)
     train_classifier(model, xd, yd, TrainConfig(epochs=1, lr=0.01, batch_size=batch_size), generator=gen)
-    seconds = _timed(lambda: train_classifier(model, xd, yd, cfg, generator=gen), dev)
+    seconds = timed(lambda: train_classifier(model, xd, yd, cfg, generator=gen), dev)
     rows.append({"step": "nba_core train_classifier (+ on-device shift/flip augmentation)",
                  "images_per_s": epochs * n_images / seconds})
 
@@ -134,21 +119,13 @@ def scan_ladder(device: str = "cuda", arch: str = "preact_resnet18", n_images: i
     from nba_core.device import pick_device, prepare_model, seed_everything, to_device
     from nba_core.experiment import default_spec
     from nba_core.models import build_model
-    from nba_core.triggerscan import optimise_triggers
 
     dev = pick_device(device)
     gen = seed_everything(0)
     model = prepare_model(build_model(default_spec("shapes32", arch)), dev).eval()
     x = to_device(torch.rand(n_images, 3, 32, 32, generator=gen), dev)
     y = to_device(torch.arange(n_images) % 10, dev)
-    classes = list(range(10))
-    run = lambda cls, n: optimise_triggers(model, x, y, cls, steps=n, batch_size=batch_size, l1_weight=0.5,
-                                           generator=seed_everything(0))
-    run(classes, 2)  # warm-up
-    loop = _timed(lambda: [run([k], steps) for k in classes], dev)
-    batched = _timed(lambda: run(classes, steps), dev)
-    return {"classes": len(classes), "steps": steps, "batch_per_class": batch_size,
-            "per_class_loop_seconds": loop, "batched_seconds": batched, "speedup": loop / batched}
+    return time_class_scan(model, x, y, list(range(10)), steps=steps, batch_size=batch_size)
 
 
 def markdown(result: dict, prov: dict) -> str:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import OUT_DIR, provenance
+from .common import OUT_DIR, provenance, timed
 
 DEFENSES = ("ft", "fp", "nad", "anp", "ibau", "nba")
 
@@ -32,30 +32,28 @@ def defense_stage_times(seed: int = 0) -> dict:
     return {"setup": "mnist5k small_cnn badnets seed 0, 200-image clean subset", "defenses": out, "run": run}
 
 
-def scan_batched_vs_loop(run, steps: int = 60, batch_size: int = 8) -> dict:
-    """The same optimisation for all classes in one batch, and one class at a time."""
-    import torch
-
-    from nba_core.device import pick_device, seed_everything, to_device
+def time_class_scan(model, x, y, classes: list[int], *, steps: int = 60, batch_size: int = 8) -> dict:
+    """The same trigger optimisation for all classes in one batch, and one class at a time (after a short warm-up,
+    so neither side pays for first-call set-up)."""
+    from nba_core.device import seed_everything
     from nba_core.triggerscan import optimise_triggers
 
-    dev = pick_device("auto")
-    model = run.model.to(dev)
-    x, y = to_device(run.clean_subset.x, dev), to_device(run.clean_subset.y, dev)
-    classes = list(range(run.spec.num_classes))
-    t0 = time.perf_counter()
-    optimise_triggers(model, x, y, classes, steps=steps, batch_size=batch_size, l1_weight=0.5,
-                      generator=seed_everything(0))
-    batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for k in classes:
-        optimise_triggers(model, x, y, [k], steps=steps, batch_size=batch_size, l1_weight=0.5,
-                          generator=seed_everything(0))
-    loop = time.perf_counter() - t0
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    device = next(model.parameters()).device
+    run = lambda cls, n: optimise_triggers(model, x, y, cls, steps=n, batch_size=batch_size, l1_weight=0.5,
+                                           generator=seed_everything(0))
+    run(classes, 2)
+    batched = timed(lambda: run(classes, steps), device)
+    loop = timed(lambda: [run([k], steps) for k in classes], device)
     return {"steps": steps, "batch_per_class": batch_size, "classes": len(classes), "batched_seconds": batched,
             "per_class_loop_seconds": loop, "speedup": loop / batched}
+
+
+def scan_batched_vs_loop(run) -> dict:
+    from nba_core.device import pick_device, to_device
+
+    dev = pick_device("auto")
+    x, y = to_device(run.clean_subset.x, dev), to_device(run.clean_subset.y, dev)
+    return time_class_scan(run.model.to(dev), x, y, list(range(run.spec.num_classes)))
 
 
 def full_sanitize(run) -> dict:
