@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from .common import OUT_DIR, RowLog, fmt_pct, provenance
+from .report import ATTACK_ORDER, ordered
 
 # name -> (overrides, what it tests). Filled from NBAConfig's switches.
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -75,8 +76,7 @@ def write_report(rows: list[dict], out: Path, prov: dict, stem: str = "ablation_
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "variants": {
         k: {"params": v[0], "tests": v[1]} for k, v in VARIANTS.items()}, "rows": rows}, indent=1) + "\n")
-    attacks = sorted({r["attack"] for r in rows}, key=lambda a: ["badnets", "blended", "trojan", "sig", "cl", "wanet"].index(a)
-                     if a in ("badnets", "blended", "trojan", "sig", "cl", "wanet") else 9)
+    attacks = ordered({r["attack"] for r in rows}, ATTACK_ORDER)
     by = defaultdict(list)
     for r in rows:
         by[(r["variant"], r["attack"])].append(r)

@@ -13,7 +13,7 @@ ATTACK_ORDER = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
 LABEL = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "anp": "ANP", "ibau": "I-BAU", "nba": "NBA"}
 
 
-def _ordered(values, order):
+def ordered(values, order):
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
 
@@ -53,8 +53,8 @@ def quality_markdown(rows: list[dict], prov: dict) -> str:
     by = defaultdict(list)
     for r in rows:
         by[(r["attack"], r["defense"])].append(r)
-    attacks = _ordered({r["attack"] for r in rows}, ATTACK_ORDER)
-    defenses = _ordered({r["defense"] for r in rows}, DEFENSE_ORDER)
+    attacks = ordered({r["attack"] for r in rows}, ATTACK_ORDER)
+    defenses = ordered({r["defense"] for r in rows}, DEFENSE_ORDER)
     seeds = sorted({r["seed"] for r in rows})
     ds, arch = rows[0]["dataset"], rows[0]["arch"]
     lines = [f"# Quality: {ds} × {arch}", "",
@@ -120,8 +120,8 @@ def quality_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = _ordered({r["attack"] for r in rows}, ATTACK_ORDER)
-    defenses = _ordered({r["defense"] for r in rows}, DEFENSE_ORDER)
+    attacks = ordered({r["attack"] for r in rows}, ATTACK_ORDER)
+    defenses = ordered({r["defense"] for r in rows}, DEFENSE_ORDER)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     width = 0.8 / len(defenses)
     for ax, metric, title in ((axes[0], "asr_after", "ASR after defense (%)"), (axes[1], "ca_after", "CA after defense (%)")):
