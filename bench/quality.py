@@ -1,7 +1,8 @@
 """The attack × defense quality table (NBA.md §4): one row per (dataset, arch, attack, defense, seed).
 
-Every defense sees the same backdoored model and the same clean subset (5% of the clean training set); metrics are
-measured on the held-out test set. Units (dataset, arch, attack, seed) run in parallel processes, one torch thread
+Every defense sees the same backdoored model and the same clean subset (5% of the clean training set) and trains on
+all of it, as the CLI and the service do by default; metrics are measured on the held-out test set. A defense is
+named `method` or `method:preset` (e.g. `nba:paper`, `ibau:authors`) and runs with its defaults: nothing is tuned. Units (dataset, arch, attack, seed) run in parallel processes, one torch thread
 each, which is the fastest layout for small nets on a 2-core machine.
 """
 
@@ -17,9 +18,10 @@ from .common import OUT_DIR, RowLog, provenance
 from .report import write_quality_report
 
 ATTACKS = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
-DEFENSES = ("none", "ft", "fp", "nad", "anp", "ibau", "nba")
+DEFENSES = ("none", "ft", "fp", "nad", "anp", "ibau", "ibau:authors", "sau", "ftsam", "nba", "nba:paper")
 SUITES = {
     "mnist": ("mnist5k", "small_cnn"),
+    "fmnist": ("fmnist", "small_cnn"),
     "mnist-preact": ("mnist5k", "preact_resnet18"),
     "shapes-preact": ("shapes32", "preact_resnet18"),
     "shapes-wrn": ("shapes32", "wrn16"),
@@ -61,9 +63,15 @@ def load_or_make_backdoor(dataset: str, arch: str, attack: str, seed: int, devic
     return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"], **data)
 
 
+def defense_params(name: str) -> tuple[str, dict]:
+    """'method' -> (method, {}); 'method:preset' -> (method, {"preset": preset})."""
+    method, _, preset = name.partition(":")
+    return method, ({"preset": preset} if preset else {})
+
+
 def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[str, ...], device: str,
              threads: int) -> list[dict]:
-    """Backdoor one model, then run every defense on it. Runs in a worker process."""
+    """Backdoor one model, then run every given defense on it. Runs in a worker process."""
     import torch
 
     torch.set_num_threads(threads)
@@ -89,7 +97,8 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
             ctx = DefenseContext(spec=run.spec, device=dev, generator=seed_everything(seed), seed=seed,
                                  hflip=run.spec.in_channels == 3)
             t1 = time.perf_counter()
-            result = get_defense(name).run(run.model, run.clean_subset, ctx)
+            method, params = defense_params(name)
+            result = get_defense(method, params).run(run.model, run.clean_subset, ctx)
             seconds = time.perf_counter() - t1
             stages = result.stage_seconds
             after = evaluate_with_trigger(result.model, test.x, test.y, trig.x, trig.y, target)
@@ -128,18 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     log = RowLog(rows_path, KEY)
     prov = provenance()
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    units = [(a, s) for a in args.attacks for s in args.seeds
-             if not all(log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s) for d in args.defenses)]
+    # A resumed run only runs the defenses that have no row yet for that (attack, seed); seeds go first so that an
+    # interrupted run leaves whole seeds rather than a few seeds of every attack.
+    units = [(a, s, tuple(d for d in args.defenses
+                          if not log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s)))
+             for s in args.seeds for a in args.attacks]
+    units = [u for u in units if u[2]]
     print(f"{stem}: {len(units)} units to run ({len(log.rows)} rows already there), {args.jobs} processes")
     t0 = time.perf_counter()
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_unit, dataset, arch, a, s, tuple(args.defenses), args.device, threads): (a, s)
-                   for a, s in units}
+        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, args.device, threads): (a, s)
+                   for a, s, todo in units}
         for fut in as_completed(futures):
             a, s = futures[fut]
-            for row in fut.result():
+            for row in fut.result():  # rows are written as each unit ends: an interrupted run keeps them
                 if not log.has(**{k: row[k] for k in KEY}):
                     log.add(row | {"commit": prov["commit"]})
             print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)

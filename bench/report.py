@@ -8,9 +8,11 @@ from pathlib import Path
 
 from .common import fmt_pct, mean_std
 
-DEFENSE_ORDER = ("none", "ft", "fp", "nad", "anp", "ibau", "nba")
+DEFENSE_ORDER = ("none", "ft", "fp", "nad", "anp", "ibau", "ibau:authors", "sau", "ftsam", "nba", "nba:paper")
 ATTACK_ORDER = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
-LABEL = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "anp": "ANP", "ibau": "I-BAU", "nba": "NBA"}
+LABEL = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "anp": "ANP", "ibau": "I-BAU",
+         "ibau:authors": "I-BAU (authors' cfg)", "sau": "SAU", "ftsam": "FT-SAM", "nba": "NBA",
+         "nba:paper": "NBA (paper form)"}
 
 
 def ordered(values, order):

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     a = sub.add_parser("attack", help="train a backdoored model on a built-in dataset (for evaluation and demos)")
-    a.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, shapes32")
+    a.add_argument("--dataset", default="mnist5k", help="mnist5k (default), digits, shapes32, fmnist (needs the Debian package dataset-fashion-mnist)")
     a.add_argument("--attack", default="badnets", help="badnets, blended, trojan, sig, cl, wanet")
     a.add_argument("--arch", default="small_cnn", help="small_cnn, preact_resnet18, wrn16, vgg11_bn, mobilenetv2")
     a.add_argument("--seed", type=int, default=0)
