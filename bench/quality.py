@@ -69,9 +69,22 @@ def defense_params(name: str) -> tuple[str, dict]:
     return method, ({"preset": preset} if preset else {})
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Append one JSON line under an exclusive lock (worker processes write their rows as each defense ends)."""
+    import fcntl
+    import json
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[str, ...], device: str,
-             threads: int) -> list[dict]:
-    """Backdoor one model, then run every given defense on it. Runs in a worker process."""
+             threads: int, rows_path: Path | None = None, commit: str | None = None) -> list[dict]:
+    """Backdoor one model, then run every given defense on it. Runs in a worker process; with `rows_path` each
+    defense's row is appended there as soon as it is done, so an interrupted run loses at most one defense."""
     import torch
 
     torch.set_num_threads(threads)
@@ -109,6 +122,8 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
                                                 after["clean_accuracy"], after["attack_success_rate"]),
             "seconds": seconds, "stage_seconds": stages,
         })
+        if rows_path is not None:
+            append_row(rows_path, rows[-1] | {"commit": commit})
     return rows
 
 
@@ -123,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="ignore rows from an earlier (interrupted) run")
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--note", default="", help="a line the report must carry (e.g. what else shared the machine)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the report from the rows already recorded (e.g. while a run is still going)")
     args = p.parse_args(argv)
 
     dataset, arch = SUITES[args.suite]
@@ -142,22 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     units = [(a, s, tuple(d for d in args.defenses
                           if not log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s)))
              for s in args.seeds for a in args.attacks]
-    units = [u for u in units if u[2]]
+    units = [u for u in units if u[2]] if not args.report_only else []
     print(f"{stem}: {len(units)} units to run ({len(log.rows)} rows already there), {args.jobs} processes")
     t0 = time.perf_counter()
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, args.device, threads): (a, s)
-                   for a, s, todo in units}
+        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, args.device, threads, rows_path,
+                               prov["commit"]): (a, s) for a, s, todo in units}
         for fut in as_completed(futures):
             a, s = futures[fut]
-            for row in fut.result():  # rows are written as each unit ends: an interrupted run keeps them
-                if not log.has(**{k: row[k] for k in KEY}):
-                    log.add(row | {"commit": prov["commit"]})
+            fut.result()  # the worker has appended its rows already
             print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
-    write_quality_report(log.rows, args.out, stem, prov | {"wall_seconds": time.perf_counter() - t0,
-                                                            "suite": args.suite, "jobs": args.jobs,
+    log = RowLog(rows_path, KEY)  # re-read: the workers wrote the new rows
+    wall = {} if args.report_only else {"wall_seconds": time.perf_counter() - t0}
+    write_quality_report(log.rows, args.out, stem, prov | wall | {"suite": args.suite, "jobs": args.jobs,
                                                             **({"note": args.note} if args.note else {})})
     print(f"wrote {args.out / stem}.{{json,md,png}}")
     return 0
