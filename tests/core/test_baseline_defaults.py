@@ -137,3 +137,11 @@ def test_cutout_zeroes_one_square_per_image():
     zeros = (out == 0).flatten(1).sum(1)
     assert int(zeros.max()) == 9 and int(zeros.min()) >= 1  # a full 3×3 hole, clipped at the border
     assert TrainConfig().cutout == 0
+
+
+def test_the_service_offers_every_library_method():
+    # the API keeps its own torch-free list; it must match the registry so new defenses appear in the service
+    from app.core.models import METHODS as API_METHODS
+
+    assert set(API_METHODS) == set(METHODS)
+    assert {"sau", "ftsam"} <= set(METHODS)
