@@ -57,6 +57,7 @@ class FTSAMConfig:
         check_range("shift", self.shift, 0, 8)
 
 
+@torch.no_grad()
 def sam_perturbation(params: list[torch.Tensor], rho: float, adaptive: bool) -> list[torch.Tensor]:
     """The ascent step e(w) from the gradients currently in p.grad (zeros where a parameter has no gradient)."""
     scaled = [(p.abs() if adaptive else 1.0) * p.grad for p in params if p.grad is not None]
