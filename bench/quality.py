@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             fut.result()  # the worker has appended its rows already
             print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
     log = RowLog(rows_path, KEY)  # re-read: the workers wrote the new rows
+    first: dict = {}
+    for row in log.rows:  # two runs sharing the rows file may both have done a cell: the first row counts
+        first.setdefault(log.key(row), row)
+    log.rows = list(first.values())
     wall = {} if args.report_only else {"wall_seconds": time.perf_counter() - t0}
     write_quality_report(log.rows, args.out, stem, prov | wall | {"suite": args.suite, "jobs": args.jobs,
                                                             **({"note": args.note} if args.note else {})})
