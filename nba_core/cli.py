@@ -19,7 +19,9 @@ from .progress import ProgressBar
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3, 4
 
-METHOD_HELP = "ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, nba"
+METHOD_HELP = ("ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, sau (shared adversarial unlearning), ftsam "
+               "(fine-tuning with sharpness-aware minimisation), nba; presets: --params '{\"preset\": \"paper\"}' (nba), "
+               "'{\"preset\": \"authors\"}' (ibau)")
 
 
 def cmd_attack(args) -> int:
