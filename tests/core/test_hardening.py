@@ -147,7 +147,7 @@ def test_row2_estimates_bound_the_real_networks(arch, params):
     est_params, est_acts = estimate(arch, params, in_channels=3, num_classes=10, input_size=(32, 32))
     # Upper bounds, and not absurdly loose (mobilenetv2 below width 1 keeps its 1280-wide head: looser there).
     assert real_params <= est_params < 3.5 * real_params + 50_000
-    assert acts[0] <= est_acts < 1.5 * acts[0] + 10_000
+    assert acts[0] <= est_acts < 2 * acts[0] + 10_000
     assert set(BUDGETS) <= set(__import__("nba_core.spec", fromlist=["ARCHITECTURES"]).ARCHITECTURES)
 
 
