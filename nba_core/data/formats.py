@@ -227,7 +227,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
 def _iter_tar(path: Path, gz: bool) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
     """Stream through a tar (decompressing sequentially, never seeking back), yielding each member header."""
     try:
-        with tarfile.open(path, mode="r|gz" if gz else "r|", tarinfo=_BoundedTarInfo) as tf:
+        # Uncompressed tars are read seekable ("r:"), so member data is skipped, not read; gzip is streamed.
+        with tarfile.open(path, mode="r|gz" if gz else "r:", tarinfo=_BoundedTarInfo) as tf:
             while (member := tf.next()) is not None:
                 yield tf, member
     except NBAError:
@@ -269,6 +270,8 @@ def _count_tar_members(path: Path, gz: bool, limits: DataLimits) -> int:
     """Count member headers with a walk over 512-byte blocks (no TarInfo objects, no name decoding), stopping at
     the member limit: tarfile spends ~35 µs per member, so 120k empty members cost seconds before it could refuse.
     Malformed headers end the walk; tarfile's own scan reports them."""
+    if not gz:
+        return _count_plain_tar_members(path, limits)
     count = 0
     skip = 0  # data bytes of the current member still to pass
     pending = b""
@@ -299,6 +302,25 @@ def _count_tar_members(path: Path, gz: bool, limits: DataLimits) -> int:
             pending = b""
         else:
             pending = buf[pos:]
+    return count
+
+
+def _count_plain_tar_members(path: Path, limits: DataLimits) -> int:
+    """The same walk on an uncompressed tar: read each header, seek past its data."""
+    count = 0
+    with open(path, "rb") as f:
+        while len(header := f.read(512)) == 512 and header.count(0) != 512:
+            try:
+                size = _tar_size(header[124:136])
+            except ValueError:
+                return count
+            if size < 0:
+                return count
+            if header[156] not in _TAR_META_TYPES:
+                count += 1
+                if count > limits.max_members:
+                    raise NBAError(DATA_TOO_LARGE, f"archive has more than {limits.max_members} members")
+            f.seek((size + 511) // 512 * 512, os.SEEK_CUR)
     return count
 
 
@@ -492,13 +514,27 @@ def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits()) -> dic
         images, shape = _check_npz_arrays(info["arrays"], limits)
         info["images"] = images
         info["image_shape"] = list(shape)
+        info["label_range"] = _npz_label_range(path, info["arrays"]["y"])
     else:
         images, labels = _image_layout(files)
         if len(images) > limits.max_images:
             raise NBAError(DATA_TOO_LARGE, f"{len(images)} images (limit {limits.max_images})")
         info["images"] = len(images)
         info["classes"] = labels
+        info["label_range"] = [min(labels.values()), max(labels.values())]
     return info
+
+
+def _npz_label_range(path: Path, y_info: dict[str, Any]) -> list[int] | None:
+    """[min, max] of the labels: y is small (its shape was checked against the image count, itself bounded)."""
+    if not _DESCR.match(y_info["dtype"]) or _DESCR.match(y_info["dtype"]).group(1) not in "iu":  # type: ignore
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("y.npy") as f:
+            y = np.lib.format.read_array(f, allow_pickle=False)
+    except (*_ZIP_ERRORS, KeyError) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot read y: {e}") from None
+    return [int(y.min()), int(y.max())] if y.size else None
 
 
 # -------------------------------------------------------------------------------------------------- loading
