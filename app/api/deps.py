@@ -26,6 +26,14 @@ class ServiceState:
     # Sends the task message for a committed job; raises if the broker is unreachable.
     enqueue: Callable[[str], None]
     quotas: Any = None  # app.api.quotas.Quotas
+    # Sessions on autocommit connections (no BEGIN/ROLLBACK round trips) for read-mostly hot paths.
+    read_sessions: Any = None
+
+    def __post_init__(self) -> None:
+        if self.read_sessions is None:
+            self.read_sessions = sessionmaker(
+                bind=self.sessions.kw["bind"].execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False)
     extra: dict = field(default_factory=dict)
 
 

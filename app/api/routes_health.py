@@ -82,8 +82,8 @@ async def bench_constant() -> Response:
 
 @bench_router.get("/v1/_bench/select/{job_id}")
 def bench_select(job_id: str, state: ServiceState = Depends(get_state)) -> Response:
-    """Ceiling 2: one thread hop, one pooled session, one SELECT of a job by primary key."""
-    with state.sessions() as session:
+    """Ceiling 2: one thread hop, one pooled session (autocommit, as the poll's), one SELECT by primary key."""
+    with state.read_sessions() as session:
         status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     return Response(content=json.dumps({"id": job_id, "status": status}), media_type="application/json")
 

@@ -24,7 +24,8 @@ from nba_core.method_params import check_method_params
 from nba_core.spec import all_finite
 
 from . import compat
-from .deps import ServiceState, current_owner, get_state, owner_session
+from .deps import ServiceState, bearer_token, current_owner, get_state, owner_session
+from .poll import poll_job
 from .downloads import LocalFileResponse
 from .errors import VALIDATION_ERROR, not_found
 from .ranges import parse_range
@@ -197,13 +198,9 @@ def list_jobs(state: ServiceState = Depends(get_state), owner: Owner = Depends(c
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=_ERRORS, summary="Status, progress, metrics")
 def get_job(job_id: str, request: Request, state: ServiceState = Depends(get_state)) -> Response:
-    # The hot path: one thread hop, one session, key+owner in one query, job+result in another.
-    with owner_session(state, request) as (session, owner):
-        row = session.execute(select(Job, Artifact).outerjoin(Artifact, Artifact.id == Job.result_id)
-                              .where(Job.id == job_id)).first() if len(job_id) <= 36 else None
-        if row is None or row[0].owner_id != owner.id:
-            raise not_found("job", job_id)
-        return _json(JobOut.of(row[0], row[1]))
+    # The hot path (app/api/poll.py): one thread hop, one autocommit session, one statement.
+    with state.read_sessions() as session:
+        return _json(poll_job(session, bearer_token(request), job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=_ERRORS,

@@ -7,9 +7,11 @@ The first bytes of the file are sniffed before anything big is written, so a wro
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Callable
 
+import anyio
 from anyio import to_thread
 from starlette.requests import ClientDisconnect, Request
 from streaming_form_data import StreamingFormDataParser
@@ -48,6 +50,7 @@ class StoreTarget(BaseTarget):
         self.sniff = sniff
         self.writer: StreamWriter | None = None
         self.pending: list[bytes] = []
+        self.inflight: asyncio.Future | None = None
         self.pending_bytes = 0
         self.head = bytearray()
         self.format: str | None = None
@@ -75,17 +78,36 @@ class StoreTarget(BaseTarget):
             await self._flush()
 
     async def _flush(self) -> None:
+        """Hand the collected bytes to a thread that hashes and writes them, and go on parsing meanwhile (the
+        thread releases the GIL in sha256 and write): one batch in flight at a time keeps the writes in order."""
         assert self.writer is not None
         if not self.pending:
             return
         data = b"".join(self.pending)
         self.pending, self.pending_bytes = [], 0
-        await to_thread.run_sync(self.writer.write, data)
+        await self.wait_written()
+        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.write, data)
+
+    async def wait_written(self) -> None:
+        """Wait for the batch in flight (its error, e.g. the size cap or a full disk, is raised here)."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            await inflight
+
+    async def aabort(self) -> None:
+        """Abort once no thread is still writing (shielded: also runs when the request was cancelled)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.wait_written()
+            except Exception:  # noqa: BLE001 - the upload is being thrown away anyway
+                pass
+        self.abort()
 
     async def on_finish_async(self) -> None:
         if self.format is None:
             self.format = self.sniff(bytes(self.head))
         await self._flush()
+        await self.wait_written()
         self.complete = True
 
     def abort(self) -> None:
@@ -191,10 +213,10 @@ async def receive_upload(request: Request, store: ArtifactStore, *, max_bytes: i
         _report_fields(values, seen_fields, on_field)
         stored = await to_thread.run_sync(target.commit)
     except ClientDisconnect:
-        target.abort()
+        await target.aabort()
         raise NBAError(VALIDATION_ERROR, "the client disconnected during the upload", http_status=400) from None
     except BaseException:
-        target.abort()
+        await target.aabort()
         raise
     return Upload(stored=stored, format=str(target.format), filename=target.multipart_filename,
                   fields={name: v.value for name, v in values.items() if v.done})

@@ -23,7 +23,7 @@ KEY_PREFIX = "nba_"
 PREFIX_LEN = 12
 UNAUTHORIZED = "unauthorized"
 # Don't write last_used_at on every request: once a minute per key is plenty and spares the DB.
-_LAST_USED_GRANULARITY_S = 60
+LAST_USED_GRANULARITY_S = 60
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _verify(session: Session, plaintext: str | None, touch: bool) -> tuple[Owner
     for key_id, key_hash, last_used_at, owner in rows:
         if hmac.compare_digest(key_hash, digest):
             now = utcnow()
-            stale = now - timedelta(seconds=_LAST_USED_GRANULARITY_S)
+            stale = now - timedelta(seconds=LAST_USED_GRANULARITY_S)
             if touch and (last_used_at is None or last_used_at < stale):
                 # Guarded UPDATE: of concurrent requests, only one writes; the others change nothing.
                 session.execute(update(ApiKey).where(
