@@ -108,8 +108,7 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
     s = {**SCAN, **(settings or {})}
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
-    xt = torch.as_tensor(np.asarray(x)).to(device, torch.float32)
-    yt = torch.as_tensor(np.asarray(y)).to(device, torch.long)
+    xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
     classes = list(range(num_classes))
     gen = torch.Generator().manual_seed(int(seed))
     masks, patterns, _ = optimise_mask_triggers(
@@ -147,8 +146,7 @@ def train_reference(model: nn.Module, x, y, *, seed: int, hflip: bool = False,
         p.requires_grad_(True)
     cfg = TrainConfig(epochs=REFERENCE["epochs"], lr=REFERENCE["lr"], shift=REFERENCE["shift"], hflip=hflip,
                       batch_size=REFERENCE["batch_size"], weight_decay=REFERENCE["weight_decay"])
-    train_classifier(ref, torch.as_tensor(np.asarray(x)).to(device, torch.float32),
-                     torch.as_tensor(np.asarray(y)).to(device, torch.long), cfg,
+    train_classifier(ref, _tensor(x, device, torch.float32), _tensor(y, device, torch.long), cfg,
                      generator=torch.Generator().manual_seed(int(seed) + 7919), should_cancel=should_cancel,
                      stage="reference")
     ref.eval()
@@ -271,6 +269,10 @@ def headline(verdict: dict, when: str) -> str:
         extra.append("label shift " + ", ".join(f"{s}->{t}" for s, t in verdict["pairs"]))
     return f"backdoor verdict {when}: {word}" + (f" ({'; '.join(extra)})" if extra else "") + \
         f" [score {verdict['score']:.2f}, threshold 1]"
+
+
+def _tensor(a, device, dtype) -> torch.Tensor:
+    return a.to(device, dtype) if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a)).to(device, dtype)
 
 
 def _round(values, digits):
