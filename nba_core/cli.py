@@ -1,7 +1,9 @@
 """`nba` command line: make a backdoored model, sanitize it, evaluate it (and, with the service extras, run and
 talk to the service).
 
-Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is printed), 4 cancelled, 1 unexpected.
+Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is printed), 4 cancelled, 1 unexpected,
+5 the job ran but the model is (still) suspected of a backdoor: `nba sanitize` when the after-verdict is
+`suspected`, `nba scan` when the verdict is `suspected` (the report/JSON is written and printed as usual).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from .errors import Cancelled, INVALID_PARAMS, NBAError
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_SUSPECTED = 0, 1, 2, 3, 4, 5
 
 METHOD_HELP = "ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, nba"
 
@@ -76,7 +78,7 @@ def cmd_attack(args) -> int:
     try:
         run = backdoor_experiment(args.dataset, args.attack, args.arch, args.seed, poison_rate=args.poison_rate,
                                   clean_fraction=args.clean_fraction, target=args.target, epochs=args.epochs,
-                                  device=args.device, progress=lambda s, f: bar(s, f))
+                                  device=args.device, all_to_all=args.all_to_all, progress=lambda s, f: bar(s, f))
     finally:
         bar.close()
     save_model(run.model, out / "model.safetensors", spec=run.spec)
@@ -85,14 +87,16 @@ def cmd_attack(args) -> int:
     save_npz(out / "test.npz", run.test)
     save_npz(out / "test_triggered.npz", run.test_triggered)
     summary = {"dataset": args.dataset, "attack": args.attack, "arch": args.arch, "seed": args.seed,
-               "target": args.target, "poison_rate": args.poison_rate, "clean_subset_size": len(run.clean_subset),
+               "target": None if args.all_to_all else args.target, "all_to_all": args.all_to_all,
+               "pairs": run.attack.pairs() if args.all_to_all else None, "poison_rate": args.poison_rate, "clean_subset_size": len(run.clean_subset),
                "clean_accuracy": run.clean_accuracy, "attack_success_rate": run.attack_success_rate,
                "seconds": run.seconds, "files": sorted(p.name for p in out.iterdir())}
     write_json_atomic(out / "attack.json", summary)
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"backdoored {args.arch} on {args.dataset} with {args.attack} (target {args.target}) -> {out}/")
+        what = "all-to-all, y -> y+1" if args.all_to_all else f"target {args.target}"
+        print(f"backdoored {args.arch} on {args.dataset} with {args.attack} ({what}) -> {out}/")
         print(f"  clean accuracy      {100 * run.clean_accuracy:6.2f} %")
         print(f"  attack success rate {100 * run.attack_success_rate:6.2f} %")
         print(f"  defender's clean subset: {len(run.clean_subset)} images in {out / 'clean.npz'}")
@@ -111,10 +115,16 @@ def cmd_sanitize(args) -> int:
                           holdout_fraction=args.holdout, progress=bar, evidence=not args.no_evidence)
     finally:
         bar.close()
+    code = EXIT_SUSPECTED if ((report.get("verdict") or {}).get("after") or {}).get("status") == "suspected" \
+        else EXIT_OK
     if args.json:
-        print(json.dumps({k: report[k] for k in ("method", "metrics", "timing", "output")}))
-        return EXIT_OK
+        print(json.dumps({k: report[k] for k in ("verdict", "warnings", "method", "metrics", "timing", "output")}))
+        return code
     before, after = report["metrics"]["before"], report["metrics"]["after"]
+    for line in (report.get("verdict") or {}).get("headline", []):
+        print(line)
+    for w in report.get("warnings", []):
+        print(f"WARNING: {w}")
     print(f"sanitized with {args.method} in {report['timing']['total_seconds']:.1f} s -> {args.out}")
     print(f"  sha256 {report['output']['sha256']}")
 
@@ -126,13 +136,39 @@ def cmd_sanitize(args) -> int:
         fmt = (lambda v: f"{100 * v:7.2f} %") if isinstance(b, float) and key != "anomaly_index" else (lambda v: f"{v:9}")
         print(f"  {name:<34} {fmt(b)} -> {fmt(a)}")
 
-    row("clean accuracy (held-out subset)", "clean_accuracy")
+    n = before.get("holdout_size")
+    row(f"clean accuracy (held-out, n={n})", "clean_accuracy")
+    for name, m in (("before", before), ("after", after)):
+        if m.get("clean_accuracy_ci95"):
+            lo, hi = m["clean_accuracy_ci95"]
+            print(f"    95 % interval {name}: {100 * lo:.1f} - {100 * hi:.1f} %")
     row("attack success rate (probe)", "attack_success_rate")
-    row("suspect trigger success (no trigger)", "suspect_success_rate", "trigger_free")
-    row("anomaly index", "anomaly_index", "trigger_free")
+    change = (report.get("verdict") or {}).get("change")
+    if change:
+        print(f"  verdict change: {change['summary']}")
     if args.report:
         print(f"  report: {args.report}")
-    return EXIT_OK
+    return code
+
+
+def cmd_scan(args) -> int:
+    from .pipeline import scan
+
+    bar = _Bar(not args.quiet)
+    try:
+        report = scan(model_path=args.model, spec=args.spec, data_path=args.data, report_path=args.report,
+                      device=args.device, seed=args.seed, progress=bar)
+    finally:
+        bar.close()
+    before = report["verdict"]["before"]
+    if args.json:
+        print(json.dumps({"verdict": report["verdict"], "timing": report["timing"]}))
+    else:
+        print(report["verdict"]["headline"][0])
+        for reason in before.get("reasons", []):
+            print(f"  {reason}")
+        print(f"  scanned {before['images']} clean images in {report['timing']['total_seconds']:.1f} s")
+    return EXIT_SUSPECTED if before["status"] == "suspected" else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -200,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--poison-rate", type=float, default=0.1)
     a.add_argument("--clean-fraction", type=float, default=0.05, help="share of the training set given to the defender")
     a.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset/arch)")
+    a.add_argument("--all-to-all", action="store_true",
+                   help="label-shift backdoor: the trigger sends class y to y+1 mod K (dirty-label attacks only)")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -224,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sanitize)
+
+    c = sub.add_parser("scan", help="detect only: is this model suspected of a backdoor? (trigger-free verdict; "
+                                    "exit code 5 when suspected)")
+    c.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict")
+    c.add_argument("--spec", required=True, help="model spec JSON")
+    c.add_argument("--data", required=True, help="clean labelled images: .npz (x, y) or zip/tar of class folders")
+    c.add_argument("--report", help="where to write the JSON report")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_scan)
 
     e = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a model on labelled test sets")
     e.add_argument("--model", required=True)
