@@ -1,0 +1,58 @@
+"""The backdoor verdict over REST with a real worker: a job that leaves the backdoor ends `succeeded` with the
+after-verdict `suspected` and a warning; NBA on the same model ends `not_suspected`; a scan job gives a verdict
+and no model; metrics.before and the before-verdict show while the job still runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.conftest_worker import submit_digits_job, wait_for
+
+pytestmark = pytest.mark.service
+
+WEAK_FT = {"epochs": 1, "lr": 0.001}  # far too gentle to remove anything
+
+
+def test_job_that_leaves_the_backdoor_is_flagged_and_nba_is_not(client, celery_worker, digits_files):
+    kept = submit_digits_job(client, digits_files, method="ft", params=WEAK_FT)
+    done = client.wait(kept["id"], poll=0.3, timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["metrics"]["after"]["attack_success_rate"] > 0.5  # the probe confirms the backdoor survived
+    v = done["verdict"]
+    assert v["before"]["status"] == "suspected" and digits_files["target"] in v["before"]["targets"]
+    assert v["after"]["status"] == "suspected"
+    assert any("still suspected" in w for w in done["warnings"])
+    assert v["headline"][0].startswith("backdoor verdict before: SUSPECTED")
+    report = client.get_report(kept["id"])
+    assert report["verdict"]["after"]["status"] == "suspected" and report["warnings"] == done["warnings"]
+
+    cleaned = submit_digits_job(client, digits_files, method="nba")
+    done = client.wait(cleaned["id"], poll=0.3, timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["metrics"]["after"]["attack_success_rate"] < 0.2
+    assert done["verdict"]["after"]["status"] == "not_suspected", done["verdict"]
+    assert not any("still suspected" in w for w in done["warnings"])
+
+
+def test_scan_job_gives_a_verdict_and_no_model(client, celery_worker, digits_files):
+    job = submit_digits_job(client, digits_files, method="scan", probe=False)
+    done = client.wait(job["id"], poll=0.3, timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["verdict"]["before"]["status"] == "suspected" and done["verdict"]["after"] is None
+    assert done["result"] is None and done["links"]["model"] is None
+    assert client.get_report(job["id"])["kind"] == "nba-scan-report"
+
+
+def test_before_metrics_and_verdict_appear_while_running(client, celery_worker, digits_files):
+    job = submit_digits_job(client, digits_files, method="ft", params={"epochs": 200}, probe=False)
+
+    def before_while_running():
+        j = client.get_job(job["id"])
+        assert j["status"] in ("queued", "running"), j
+        return j if (j["metrics"] or {}).get("before") and j["verdict"] else None
+
+    j = wait_for(before_while_running, 240, interval=0.3, what="metrics.before while running")
+    assert j["verdict"]["before"]["status"] in ("suspected", "not_suspected", "inconclusive")
+    assert j["verdict"]["after"] is None and "after" not in j["metrics"]
+    client.cancel_job(job["id"])
+    client.wait(job["id"], poll=0.3, timeout=120)
