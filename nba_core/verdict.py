@@ -44,6 +44,7 @@ SCAN = {"steps": 80, "batch_size": 12, "shift_restarts": 2, "shift_batch": 24, "
         "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12}
 # Reference model: the suspect fine-tuned hard on D (NBA's teacher defaults).
 REFERENCE = {"epochs": 10, "lr": 0.1, "shift": 2, "batch_size": 64, "weight_decay": 5e-4}
+REFERENCE_MIN_ACC, REFERENCE_TRIES = 0.8, 3  # accuracy on D relative to the suspect's; retries at lr / 3
 # Thresholds per family, in the units of module doc (fitted on benign tuning models; docs/verdict.md).
 THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0}
 MIN_LAND_SHARE = 0.5  # a source joins the label-shift pattern when the shift trigger sends most of it to one class
@@ -141,18 +142,30 @@ def train_reference(model: nn.Module, x, y, *, seed: int, hflip: bool = False,
                     should_cancel: CancelFn = never_cancel) -> nn.Module:
     """The per-job benign reference: a copy of `model` fine-tuned hard on the clean (x, y) (module doc)."""
     device = next(model.parameters()).device
-    ref = copy.deepcopy(model)
-    for p in ref.parameters():
-        p.requires_grad_(True)
-    cfg = TrainConfig(epochs=REFERENCE["epochs"], lr=REFERENCE["lr"], shift=REFERENCE["shift"], hflip=hflip,
-                      batch_size=REFERENCE["batch_size"], weight_decay=REFERENCE["weight_decay"])
-    train_classifier(ref, _tensor(x, device, torch.float32), _tensor(y, device, torch.long), cfg,
-                     generator=torch.Generator().manual_seed(int(seed) + 7919), should_cancel=should_cancel,
-                     stage="reference")
-    ref.eval()
+    xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
+    floor = REFERENCE_MIN_ACC * _accuracy(model, xt, yt)
+    lr = REFERENCE["lr"]
+    for _ in range(REFERENCE_TRIES):
+        ref = copy.deepcopy(model)
+        for p in ref.parameters():
+            p.requires_grad_(True)
+        cfg = TrainConfig(epochs=REFERENCE["epochs"], lr=lr, shift=REFERENCE["shift"], hflip=hflip,
+                          batch_size=REFERENCE["batch_size"], weight_decay=REFERENCE["weight_decay"])
+        train_classifier(ref, xt, yt, cfg, generator=torch.Generator().manual_seed(int(seed) + 7919),
+                         should_cancel=should_cancel, stage="reference")
+        ref.eval()
+        # lr 0.1 on a few dozen images can diverge (a collapsed reference makes every class look odd): retry gentler.
+        if _accuracy(ref, xt, yt) >= floor:
+            break
+        lr /= 3
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with eval_mode(model), torch.no_grad():
+        return float((predict_logits(model, x).argmax(1) == y).float().mean())
 
 
 def _logit(p: float) -> float:
