@@ -134,9 +134,9 @@ def _fmt(value, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
-def write_report(rows: list[dict], out: Path, prov: dict, args: dict) -> None:
+def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str = "detection") -> None:
     summary = summarize(rows)
-    (out / "detection.json").write_text(json.dumps({"provenance": prov, "args": args, "summary": summary,
+    (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "args": args, "summary": summary,
                                                     "rows": rows}, indent=1))
     s = summary
     lines = [f"# Trigger-free verdict: detection table (MNIST-5k, small CNN)", "",
@@ -170,7 +170,7 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict) -> None:
         for d, v in s["per_defense"].items():
             lines.append(f"| {d} | {v['rows']} | {v['clean_after_not_suspected']} | {v['backdoored_after_suspected']} | "
                          f"{v['asr_after']} | {v['ca_drop']} | {', '.join(v['after_statuses'])} |")
-    (out / "detection.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     write_report(log.rows, args.out, prov, {"command": "python -m bench.detection " + " ".join(argv or sys.argv[1:]),
-                                            "note": args.note})
-    print(f"wrote {args.out}/detection.{{json,md}}")
+                                            "note": args.note}, args.stem)
+    print(f"wrote {args.out}/{args.stem}.{{json,md}}")
     return 0
 
 

@@ -11,31 +11,61 @@ from tests.service.conftest_worker import submit_digits_job, wait_for
 pytestmark = pytest.mark.service
 
 WEAK_FT = {"epochs": 1, "lr": 0.001}  # far too gentle to remove anything
+# A verdict scans three models and trains a reference: more than the default test worker's 60 s on shared cores.
+SLOW_LIMITS = {"job_soft_time_limit": 600, "job_hard_time_limit": 660, "visibility_timeout": 700}
 
 
-def test_job_that_leaves_the_backdoor_is_flagged_and_nba_is_not(client, celery_worker, digits_files):
-    kept = submit_digits_job(client, digits_files, method="ft", params=WEAK_FT)
-    done = client.wait(kept["id"], poll=0.3, timeout=300)
+@pytest.fixture(scope="module")
+def mnist_files(tmp_path_factory) -> dict:
+    """A BadNets small CNN on MNIST-5k (4 epochs) with its 5 % clean subset and a triggered probe set: 8×8 digits
+    are too small for the verdict (docs/verdict.md)."""
+    import numpy as np
+    import torch
+
+    from nba_core.checkpoint import save_model
+    from nba_core.data.formats import save_npz
+    from nba_core.experiment import backdoor_experiment
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("mnist")
+    run = backdoor_experiment("mnist5k", "badnets", "small_cnn", seed=0, epochs=4, device="cpu")
+    files = {"model": folder / "model.safetensors", "spec": folder / "model.json", "clean": folder / "clean.npz",
+             "probe": folder / "probe.npz", "target": run.attack.target}
+    save_model(run.model, files["model"], spec=run.spec)
+    files["spec"].write_text(run.spec.to_json())
+    save_npz(files["clean"], run.clean_subset)
+    save_npz(files["probe"], run.test_triggered.subset(np.arange(300)))
+    return files
+
+
+@pytest.fixture()
+def slow_worker(worker_factory):
+    return worker_factory(**SLOW_LIMITS)
+
+
+def test_job_that_leaves_the_backdoor_is_flagged_and_nba_is_not(client, slow_worker, mnist_files):
+    kept = submit_digits_job(client, mnist_files, method="ft", params=WEAK_FT)
+    done = client.wait(kept["id"], poll=0.3, timeout=600)
     assert done["status"] == "succeeded", done
     assert done["metrics"]["after"]["attack_success_rate"] > 0.5  # the probe confirms the backdoor survived
     v = done["verdict"]
-    assert v["before"]["status"] == "suspected" and digits_files["target"] in v["before"]["targets"]
+    assert v["before"]["status"] == "suspected" and mnist_files["target"] in v["before"]["targets"]
     assert v["after"]["status"] == "suspected"
     assert any("still suspected" in w for w in done["warnings"])
     assert v["headline"][0].startswith("backdoor verdict before: SUSPECTED")
     report = client.get_report(kept["id"])
     assert report["verdict"]["after"]["status"] == "suspected" and report["warnings"] == done["warnings"]
 
-    cleaned = submit_digits_job(client, digits_files, method="nba")
-    done = client.wait(cleaned["id"], poll=0.3, timeout=300)
+    cleaned = submit_digits_job(client, mnist_files, method="nba")
+    done = client.wait(cleaned["id"], poll=0.3, timeout=600)
     assert done["status"] == "succeeded", done
     assert done["metrics"]["after"]["attack_success_rate"] < 0.2
     assert done["verdict"]["after"]["status"] == "not_suspected", done["verdict"]
     assert not any("still suspected" in w for w in done["warnings"])
 
 
-def test_scan_job_gives_a_verdict_and_no_model(client, celery_worker, digits_files):
-    job = submit_digits_job(client, digits_files, method="scan", probe=False)
+def test_scan_job_gives_a_verdict_and_no_model(client, slow_worker, mnist_files):
+    job = submit_digits_job(client, mnist_files, method="scan", probe=False)
     done = client.wait(job["id"], poll=0.3, timeout=300)
     assert done["status"] == "succeeded", done
     assert done["verdict"]["before"]["status"] == "suspected" and done["verdict"]["after"] is None
@@ -43,8 +73,8 @@ def test_scan_job_gives_a_verdict_and_no_model(client, celery_worker, digits_fil
     assert client.get_report(job["id"])["kind"] == "nba-scan-report"
 
 
-def test_before_metrics_and_verdict_appear_while_running(client, celery_worker, digits_files):
-    job = submit_digits_job(client, digits_files, method="ft", params={"epochs": 200}, probe=False)
+def test_before_metrics_and_verdict_appear_while_running(client, slow_worker, mnist_files):
+    job = submit_digits_job(client, mnist_files, method="ft", params={"epochs": 300}, probe=False)
 
     def before_while_running():
         j = client.get_job(job["id"])
