@@ -87,7 +87,7 @@ def job_metrics(report: dict) -> dict:
 
 def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path | None, job_id: str
                   ) -> tuple[NewArtifact | None, NewArtifact, NewArtifact | None]:
-    from .report_html import render_report_html
+    from nba_core.report_html import render_report_html
 
     model_obj = None
     if out_path is not None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
-from worker.report_html import loss_curves, metric_rows, render_report_html
+from nba_core.report_html import loss_curves, metric_rows, render_report_html
 from worker.runner import json_safe
 
 REPORT = {
@@ -46,7 +47,7 @@ def test_json_safe_replaces_non_finite_numbers():
 
 
 def test_html_report_puts_the_verdict_and_warnings_first():
-    report = {**REPORT, "verdict": {"headline": ["backdoor verdict before: SUSPECTED (target class(es) [0])",
+    report = {**copy.deepcopy(REPORT), "verdict": {"headline": ["backdoor verdict before: SUSPECTED (target class(es) [0])",
                                                  "backdoor verdict after: SUSPECTED (target class(es) [0])"],
                                     "change": {"summary": "still suspected after the defense"}},
               "warnings": ["the cleaned model is still suspected of a backdoor"]}
