@@ -46,7 +46,8 @@ def cmd_attack(args) -> int:
     save_npz(out / "test_triggered.npz", run.test_triggered)
     summary = {"dataset": args.dataset, "attack": args.attack, "arch": args.arch, "seed": args.seed,
                "target": None if args.all_to_all else args.target, "all_to_all": args.all_to_all,
-               "pairs": run.attack.pairs() if args.all_to_all else None, "poison_rate": args.poison_rate, "clean_subset_size": len(run.clean_subset),
+               "pairs": run.attack.pairs() if args.all_to_all else None, "poison_rate": args.poison_rate,
+               "clean_subset_size": len(run.clean_subset),
                "clean_accuracy": run.clean_accuracy, "attack_success_rate": run.attack_success_rate,
                "seconds": run.seconds, "files": sorted(p.name for p in out.iterdir())}
     write_json_atomic(out / "attack.json", summary)
@@ -233,7 +234,7 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     s.add_argument("--probe", help="optional: triggered images you suspect (npz with true labels) to measure ASR")
     s.add_argument("--probe-target", type=int, help="the class the suspected trigger maps to")
     s.add_argument("--holdout", type=float, default=0.2, help="share of the clean subset held out to measure accuracy")
-    s.add_argument("--no-evidence", action="store_true", help="skip the trigger-free evidence (faster)")
+    s.add_argument("--no-evidence", action="store_true", help="skip the trigger-free verdict (faster; no verdict in the report)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     s.add_argument("--json", action="store_true", help="print a JSON summary")
