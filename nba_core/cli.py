@@ -113,7 +113,7 @@ def cmd_sanitize(args) -> int:
 def cmd_scan(args) -> int:
     from .pipeline import scan
 
-    bar = _Bar(not args.quiet)
+    bar = ProgressBar(not args.quiet)
     try:
         report = scan(model_path=args.model, spec=args.spec, data_path=args.data, report_path=args.report,
                       device=args.device, seed=args.seed, progress=bar)
