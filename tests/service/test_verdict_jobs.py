@@ -43,7 +43,8 @@ def slow_worker(worker_factory):
     return worker_factory(**SLOW_LIMITS)
 
 
-def test_job_that_leaves_the_backdoor_is_flagged_and_nba_is_not(client, slow_worker, mnist_files):
+@pytest.mark.timeout(1500)
+def test_job_that_leaves_the_backdoor_ends_suspected_with_a_warning(client, slow_worker, mnist_files):
     kept = submit_digits_job(client, mnist_files, method="ft", params=WEAK_FT)
     done = client.wait(kept["id"], poll=0.3, timeout=600)
     assert done["status"] == "succeeded", done
@@ -56,14 +57,18 @@ def test_job_that_leaves_the_backdoor_is_flagged_and_nba_is_not(client, slow_wor
     report = client.get_report(kept["id"])
     assert report["verdict"]["after"]["status"] == "suspected" and report["warnings"] == done["warnings"]
 
+
+@pytest.mark.timeout(1500)  # NBA plus a reference and three scans on MNIST: minutes on a loaded 2-core machine
+def test_nba_job_on_the_same_model_ends_not_suspected(client, slow_worker, mnist_files):
     cleaned = submit_digits_job(client, mnist_files, method="nba")
-    done = client.wait(cleaned["id"], poll=0.3, timeout=600)
+    done = client.wait(cleaned["id"], poll=0.5, timeout=1400)
     assert done["status"] == "succeeded", done
     assert done["metrics"]["after"]["attack_success_rate"] < 0.2
     assert done["verdict"]["after"]["status"] == "not_suspected", done["verdict"]
     assert not any("still suspected" in w for w in done["warnings"])
 
 
+@pytest.mark.timeout(1500)
 def test_scan_job_gives_a_verdict_and_no_model(client, slow_worker, mnist_files):
     job = submit_digits_job(client, mnist_files, method="scan", probe=False)
     done = client.wait(job["id"], poll=0.3, timeout=300)
@@ -73,6 +78,7 @@ def test_scan_job_gives_a_verdict_and_no_model(client, slow_worker, mnist_files)
     assert client.get_report(job["id"])["kind"] == "nba-scan-report"
 
 
+@pytest.mark.timeout(1500)
 def test_before_metrics_and_verdict_appear_while_running(client, slow_worker, mnist_files):
     job = submit_digits_job(client, mnist_files, method="ft", params={"epochs": 300}, probe=False)
 
