@@ -99,6 +99,7 @@ def attacked_mnist(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.timeout(1500)  # MNIST: a scan and a sanitize, each with a reference and scans; minutes on shared cores
 def test_scan_and_a_sanitize_that_leaves_the_backdoor_exit_5(attacked_mnist: Path, tmp_path: Path, capsys):
     from nba_core.cli import EXIT_SUSPECTED
 

@@ -99,6 +99,7 @@ def test_scan_rejects_bad_params_and_honours_cancel(backdoored):
         scan_universal_triggers(model, test.x, test.y, num_classes=10, generator=g, should_cancel=lambda: True)
 
 
+@pytest.fixture(scope="module")
 def blended():
     """An image-wide (blend) backdoor: the kind of trigger the mask scan does not model."""
     train, test = train_test("digits")
