@@ -1,8 +1,6 @@
-"""The batched trigger scan and the trigger-free evidence on a tiny, strongly backdoored digits-8×8 model."""
+"""The batched trigger scan on a tiny, strongly backdoored digits-8×8 model (the verdict is tested in test_verdict.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
