@@ -68,8 +68,6 @@ def load_or_make(kind: str, seed: int, dataset: str = "mnist5k", arch: str = "sm
     model = prepare_model(load_model(folder / "model.safetensors", spec), pick_device(device))
 
     def asr(m) -> float:
-        import numpy as np
-
         from nba_core.metrics import attack_success_rate
         from nba_core.train import predict
 
