@@ -53,7 +53,7 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
         ctx = DefenseContext(spec=r.spec, device=pick_device("cpu"), generator=seed_everything(seed), seed=seed,
                              hflip=r.spec.in_channels == 3, verdict=(verdict, scan))
         t0 = time.perf_counter()
-        result = get_defense(name).run(r.model, r.clean, ctx)
+        result = get_defense(*defense_spec(name)).run(r.model, r.clean, ctx)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         after, _ = session.judge(result.model)
@@ -61,6 +61,16 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
                         "verdict": after.to_dict(), "asr_after": r.asr(result.model),
                         "ca_after": clean_accuracy(result.model, r.test.x, r.test.y), "defense_seconds": seconds,
                         "verdict_seconds": time.perf_counter() - t1})
+
+
+def defense_spec(name: str) -> tuple[str, dict]:
+    """"ft" or "ft:epochs=1,lr=0.001" (a deliberately weak defense, to see the verdict on a surviving backdoor)."""
+    method, _, rest = name.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = float(value) if "." in value or "e" in value else int(value)
+    return method, params
 
 
 def auroc(pos: list[float], neg: list[float]) -> float | None:
@@ -178,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=[k for k in KINDS if k != "none"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--benign-seeds", nargs="+", type=int, default=list(range(10)))
-    p.add_argument("--defenses", nargs="+", default=["ft", "nad", "nba"])
+    p.add_argument("--defenses", nargs="+", default=["ft", "nad", "nba", "ft:epochs=1,lr=0.001"],
+                   help="methods, optionally with params (ft:epochs=1,lr=0.001 leaves the backdoor on purpose)")
     p.add_argument("--scan-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--stem", default="detection")
