@@ -155,16 +155,21 @@ def _print_job(job: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(job, indent=2))
         return
+    for line in (job.get("verdict") or {}).get("headline") or []:  # the verdict first
+        print(line)
     print(f"job {job['id']}: {job['status']}"
           + (f" ({job.get('stage')}, {100 * float(job.get('progress') or 0):.0f} %)" if job["status"] == "running"
              else ""))
+    for warning in job.get("warnings") or []:
+        print(f"  WARNING: {warning}")
     if job.get("error"):
         print(f"  error [{job['error'].get('code')}]: {job['error'].get('message')}")
     metrics = job.get("metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for key, label in (("clean_accuracy", "clean accuracy"), ("attack_success_rate", "attack success rate")):
         if isinstance(before.get(key), (int, float)) and isinstance(after.get(key), (int, float)):
-            print(f"  {label:<22} {100 * before[key]:6.2f} % -> {100 * after[key]:6.2f} %")
+            print(f"  {label:<22} {100 * before[key]:6.2f} % -> {100 * after[key]:6.2f} %"
+                  + (f"  (held-out n={before.get('holdout_size')})" if key == "clean_accuracy" else ""))
 
 
 def _wait(client, job_id: str, *, quiet: bool) -> dict:

@@ -2,7 +2,9 @@
 distributions add command groups through the `nba.commands` entry-point group (the service adds serve, keys,
 submit, status, download, demo, ...); this module imports nothing from them.
 
-Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is printed), 4 cancelled, 1 unexpected.
+Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is printed), 4 cancelled, 1 unexpected,
+5 the job ran but the model is (still) suspected of a backdoor: `nba sanitize` when the after-verdict is
+`suspected`, `nba scan` when the verdict is `suspected` (the report/JSON is written and printed as usual).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .errors import Cancelled, INVALID_PARAMS, NBAError
 from .params import parse_params
 from .progress import ProgressBar
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_SUSPECTED = 0, 1, 2, 3, 4, 5
 
 METHOD_HELP = ("ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, sau (shared adversarial unlearning), ftsam "
                "(fine-tuning with sharpness-aware minimisation), nba; presets: --params '{\"preset\": \"paper\"}' (nba), "
@@ -36,7 +38,7 @@ def cmd_attack(args) -> int:
     try:
         run = backdoor_experiment(args.dataset, args.attack, args.arch, args.seed, poison_rate=args.poison_rate,
                                   clean_fraction=args.clean_fraction, target=args.target, epochs=args.epochs,
-                                  device=args.device, progress=lambda s, f: bar(s, f))
+                                  device=args.device, all_to_all=args.all_to_all, progress=lambda s, f: bar(s, f))
     finally:
         bar.close()
     save_model(run.model, out / "model.safetensors", spec=run.spec)
@@ -45,14 +47,17 @@ def cmd_attack(args) -> int:
     save_npz(out / "test.npz", run.test)
     save_npz(out / "test_triggered.npz", run.test_triggered)
     summary = {"dataset": args.dataset, "attack": args.attack, "arch": args.arch, "seed": args.seed,
-               "target": args.target, "poison_rate": args.poison_rate, "clean_subset_size": len(run.clean_subset),
+               "target": None if args.all_to_all else args.target, "all_to_all": args.all_to_all,
+               "pairs": run.attack.pairs() if args.all_to_all else None, "poison_rate": args.poison_rate,
+               "clean_subset_size": len(run.clean_subset),
                "clean_accuracy": run.clean_accuracy, "attack_success_rate": run.attack_success_rate,
                "seconds": run.seconds, "files": sorted(p.name for p in out.iterdir())}
     write_json_atomic(out / "attack.json", summary)
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"backdoored {args.arch} on {args.dataset} with {args.attack} (target {args.target}) -> {out}/")
+        what = "all-to-all, y -> y+1" if args.all_to_all else f"target {args.target}"
+        print(f"backdoored {args.arch} on {args.dataset} with {args.attack} ({what}) -> {out}/")
         print(f"  clean accuracy      {100 * run.clean_accuracy:6.2f} %")
         print(f"  attack success rate {100 * run.attack_success_rate:6.2f} %")
         print(f"  defender's clean subset: {len(run.clean_subset)} images in {out / 'clean.npz'}")
@@ -72,10 +77,16 @@ def cmd_sanitize(args) -> int:
                           eval_path=args.eval_data, crossfit=args.crossfit)
     finally:
         bar.close()
+    code = EXIT_SUSPECTED if ((report.get("verdict") or {}).get("after") or {}).get("status") == "suspected" \
+        else EXIT_OK
     if args.json:
-        print(json.dumps({k: report[k] for k in ("method", "metrics", "timing", "output")}))
-        return EXIT_OK
+        print(json.dumps({k: report[k] for k in ("verdict", "warnings", "method", "metrics", "timing", "output")}))
+        return code
     before, after = report["metrics"]["before"], report["metrics"]["after"]
+    for line in (report.get("verdict") or {}).get("headline", []):
+        print(line)
+    for w in report.get("warnings", []):
+        print(f"WARNING: {w}")
     print(f"sanitized with {args.method} in {report['timing']['total_seconds']:.1f} s -> {args.out}")
     print(f"  sha256 {report['output']['sha256']}")
 
@@ -89,17 +100,42 @@ def cmd_sanitize(args) -> int:
 
     on = {"eval_set": "evaluation set", "holdout": "held-out part of D",
           "clean_subset": "D itself: optimistic after"}[before.get("clean_accuracy_on", "holdout")]
-    row(f"clean accuracy ({on})", "clean_accuracy")
+    row(f"clean accuracy ({on}, n={before.get('holdout_size')})", "clean_accuracy")
+    for name, m in (("before", before), ("after", after)):
+        if m.get("clean_accuracy_ci95"):
+            lo, hi = m["clean_accuracy_ci95"]
+            print(f"    95 % interval {name}: {100 * lo:.1f} - {100 * hi:.1f} %")
     row("attack success rate (probe)", "attack_success_rate")
-    row("suspect trigger success (no trigger)", "suspect_success_rate", "trigger_free")
-    row("anomaly index", "anomaly_index", "trigger_free")
     cf = report.get("crossfit")
     if cf:
         print(f"  clean accuracy, {cf['k']}-fold cross-fit      {100 * cf['clean_accuracy_before']:7.2f} % -> "
               f"{100 * cf['clean_accuracy_after']:7.2f} %")
+    change = (report.get("verdict") or {}).get("change")
+    if change:
+        print(f"  verdict change: {change['summary']}")
     if args.report:
         print(f"  report: {args.report}")
-    return EXIT_OK
+    return code
+
+
+def cmd_scan(args) -> int:
+    from .pipeline import scan
+
+    bar = ProgressBar(not args.quiet)
+    try:
+        report = scan(model_path=args.model, spec=args.spec, data_path=args.data, report_path=args.report,
+                      device=args.device, seed=args.seed, progress=bar)
+    finally:
+        bar.close()
+    before = report["verdict"]["before"]
+    if args.json:
+        print(json.dumps({"verdict": report["verdict"], "timing": report["timing"]}))
+    else:
+        print(report["verdict"]["headline"][0])
+        for reason in before.get("reasons", []):
+            print(f"  {reason}")
+        print(f"  scanned {before['images']} clean images in {report['timing']['total_seconds']:.1f} s")
+    return EXIT_SUSPECTED if before["status"] == "suspected" else EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -186,6 +222,8 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     a.add_argument("--poison-rate", type=float, default=0.1)
     a.add_argument("--clean-fraction", type=float, default=0.05, help="share of the training set given to the defender")
     a.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset/arch)")
+    a.add_argument("--all-to-all", action="store_true",
+                   help="label-shift backdoor: the trigger sends class y to y+1 mod K (dirty-label attacks only)")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -209,12 +247,25 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     s.add_argument("--eval-data", help="optional separate labelled clean set on which clean accuracy is measured")
     s.add_argument("--crossfit", type=int, default=0, metavar="K",
                    help="estimate the clean-accuracy change by K-fold cross-fitting (K extra defense runs; 0 = off)")
-    s.add_argument("--no-evidence", action="store_true", help="skip the trigger-free evidence (faster)")
+    s.add_argument("--no-evidence", action="store_true",
+                   help="skip the trigger-free verdict (faster; no verdict in the report)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     s.add_argument("--json", action="store_true", help="print a JSON summary")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sanitize)
+
+    c = sub.add_parser("scan", help="detect only: is this model suspected of a backdoor? (trigger-free verdict; "
+                                    "exit code 5 when suspected)")
+    c.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict")
+    c.add_argument("--spec", required=True, help="model spec JSON")
+    c.add_argument("--data", required=True, help="clean labelled images: .npz (x, y) or zip/tar of class folders")
+    c.add_argument("--report", help="where to write the JSON report")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_scan)
 
     e = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a model on labelled test sets")
     e.add_argument("--model", required=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .attacks import Attack, get_attack
+from .attacks import AllToAll, Attack, MultiTarget, get_attack
 from .data.builtin import DATASET_INFO, train_test
 from .data.imageset import ImageSet, stratified_split
 from .device import pick_device, prepare_model, seed_everything, to_device
@@ -91,15 +91,32 @@ def _check(condition: bool, message: str) -> None:
 def backdoor_experiment(dataset: str = "mnist5k", attack: str = "badnets", arch: str = "small_cnn", seed: int = 0, *,
                         poison_rate: float = 0.1, clean_fraction: float = 0.05, target: int = 0,
                         epochs: int | None = None, attack_params: dict | None = None, device: str = "auto",
+                        all_to_all: bool = False, second_target: int | None = None,
                         progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel) -> BackdoorRun:
-    """Poison a built-in dataset with `attack`, train `arch` on it and measure clean accuracy and ASR."""
+    """Poison a built-in dataset with `attack`, train `arch` on it and measure clean accuracy and ASR.
+
+    attack "none" trains a benign model (BadNets' trigger is still used to report its ASR, which should be ~0);
+    all_to_all maps triggered class y to y + 1 mod K; second_target adds a second BadNets patch (top-left corner)
+    to another class, each trigger poisoning half of `poison_rate` (ASR: the larger of the two)."""
     t0 = time.perf_counter()
     spec = default_spec(dataset, arch)
     _check(0.0 < poison_rate <= 1.0, "poison_rate must be in (0, 1]")
     _check(0.0 < clean_fraction < 1.0, "clean_fraction must be in (0, 1)")
     _check(0 <= target < spec.num_classes, f"target must be a class index in [0, {spec.num_classes})")
     _check(epochs is None or epochs >= 1, "epochs must be at least 1")
-    atk = get_attack(attack, target=target, rate=poison_rate, seed=seed, **(attack_params or {}))
+    _check(not (all_to_all and second_target is not None), "choose all_to_all or second_target, not both")
+    if attack == "none":
+        atk = get_attack("badnets", target=target, rate=0.0, seed=seed)
+    elif second_target is not None:
+        _check(attack == "badnets", "second_target is implemented for badnets only")
+        _check(0 <= second_target < spec.num_classes and second_target != target,
+               "second_target must be another class index")
+        atk = MultiTarget([get_attack("badnets", target=target, rate=poison_rate / 2, seed=seed),
+                           get_attack("badnets", target=second_target, rate=poison_rate / 2, seed=seed + 1,
+                                      corner="top_left")])
+    else:
+        atk = get_attack(attack, target=target, rate=poison_rate, seed=seed, all_to_all=all_to_all,
+                         num_classes=spec.num_classes, **(attack_params or {}))
     cfg = default_train_config(dataset, arch)
     if epochs is not None:
         cfg = replace(cfg, epochs=int(epochs))
@@ -120,7 +137,12 @@ def backdoor_experiment(dataset: str = "mnist5k", attack: str = "badnets", arch:
                            progress=progress, should_cancel=should_cancel, stage="train backdoored model")
     test_triggered = atk.triggered_test_set(test)
     ca = clean_accuracy(model, test.x, test.y)
-    asr = attack_success_rate(model, test_triggered.x, test_triggered.y, target)
+    if isinstance(atk, AllToAll):
+        asr = atk.success_rate(model, test_triggered)
+    elif isinstance(atk, MultiTarget):
+        asr = atk.success_rate(model, test=test)
+    else:
+        asr = attack_success_rate(model, test_triggered.x, test_triggered.y, target)
     progress("evaluate", 1.0)
     return BackdoorRun(spec=spec, model=model, attack=atk, train=poisoned, poisoned_idx=poisoned_idx,
                        clean_subset=clean_subset, test=test, test_triggered=test_triggered, clean_accuracy=ca,

@@ -120,6 +120,9 @@ PARAMS: dict[str, dict[str, Param]] = {
 PRESETS: dict[str, tuple[str, ...]] = {"ibau": ("authors",), "nba": ("paper",)}
 
 # Params that name a number of classes: they cannot exceed the model's (checked where the spec is known).
+# Detect only (method "scan", no defense): the verdict's seed (nba_core/verdict.py; its scan settings are fixed).
+PARAMS["scan"] = {"seed": _i(0, 2**31 - 1)}
+
 CLASS_COUNT_PARAMS = ("top_k", "uap_top_k")
 
 

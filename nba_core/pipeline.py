@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import tempfile
@@ -29,6 +30,8 @@ from .errors import INVALID_PARAMS, NBAError
 from .metrics import attack_success_rate, clean_accuracy, robust_accuracy
 from .spec import ModelSpec, load_spec, parse_spec
 from .train import never_cancel, no_progress
+from .verdict import SUSPECTED, VerdictSession, compare
+from .verdict import headline as verdict_headline
 
 # Overall progress budget: the defense gets most of the bar; measuring before/after shares the rest.
 _BEFORE, _DEFENSE, _AFTER = 0.1, 0.8, 0.1
@@ -69,17 +72,43 @@ class _OverallProgress:
         self.emit(stage, _BEFORE + _DEFENSE * inner)
 
 
-def _measure(model, *, holdout: ImageSet, accuracy_on: str, evidence_data: ImageSet | None,
-             probe: ImageSet | None, probe_target: int | None, num_classes: int, device, seed: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, holdout.x, holdout.y) if len(holdout) else None,
-                           "clean_accuracy_on": accuracy_on, "holdout_size": len(holdout)}
+MIN_HOLDOUT = 50  # below this many images the clean accuracy is too uncertain to compare (report says so)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a proportion (None for n = 0)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _measure(model, *, holdout: ImageSet, accuracy_on: str, probe: ImageSet | None,
+             probe_target: int | None) -> dict[str, Any]:
+    ca = clean_accuracy(model, holdout.x, holdout.y) if len(holdout) else None
+    out: dict[str, Any] = {"clean_accuracy": ca, "clean_accuracy_on": accuracy_on, "holdout_size": len(holdout)}
+    if ca is not None:
+        out["clean_accuracy_ci95"] = list(wilson_interval(int(round(ca * len(holdout))), len(holdout)))
+        if len(holdout) < MIN_HOLDOUT:
+            out["clean_accuracy_note"] = (f"only {len(holdout)} images to measure clean accuracy on: a rough estimate "
+                                          f"(95 % interval shown); at least {MIN_HOLDOUT} are needed to compare")
     if probe is not None and probe_target is not None:
         out["attack_success_rate"] = attack_success_rate(model, probe.x, probe.y, probe_target)
         out["robust_accuracy"] = robust_accuracy(model, probe.x, probe.y, probe_target)
-    if evidence_data is not None:
-        from .trigger_free import trigger_free_evidence
+    return out
 
-        out["trigger_free"] = trigger_free_evidence(model, evidence_data, num_classes=num_classes, device=device, seed=seed)
+
+def warnings_for(report: dict) -> list[str]:
+    """Plain warnings for the user: the cleaned model is still suspected, the held-out set is too small."""
+    out = []
+    after = (report.get("verdict") or {}).get("after") or {}
+    if after.get("status") == SUSPECTED:
+        out.append("the cleaned model is still suspected of a backdoor: " + verdict_headline(after, "after"))
+    before = (report.get("metrics") or {}).get("before") or {}
+    if before.get("clean_accuracy_note"):
+        out.append(before["clean_accuracy_note"])
     return out
 
 
@@ -131,7 +160,8 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
              probe_target: int | None = None, device: str = "auto", seed: int = 0,
              holdout_fraction: float = 0.0, progress: Callable[[str, float], None] | None = None,
              should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
-             eval_path: str | None = None, crossfit: int = 0) -> dict:
+             eval_path: str | None = None, crossfit: int = 0,
+             on_before: Callable[[dict], None] | None = None) -> dict:
     """Sanitize the model at `model_path` with `method`; write cleaned safetensors to `out_path` and return the
     report (also written to `report_path`). Raises NBAError for bad inputs, Cancelled when asked to stop.
     A thin file-based wrapper: loads safely, calls `sanitize_loaded`, saves atomically. `eval_path`: an optional
@@ -152,7 +182,7 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
     outcome = sanitize_loaded(model, data, spec=spec, method=method, params=params, probe=probe,
                               probe_target=probe_target, device=device, seed=seed,
                               holdout_fraction=holdout_fraction, progress=progress, should_cancel=should_cancel,
-                              evidence=evidence, eval_set=eval_set, crossfit=crossfit)
+                              evidence=evidence, eval_set=eval_set, crossfit=crossfit, on_before=on_before)
     progress("save", 0.99)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     sha256 = save_model(outcome.model, out_path, spec=spec, metadata={"nba_method": method, "nba_seed": str(seed)})
@@ -178,7 +208,8 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
                     device: str = "auto", seed: int = 0, holdout_fraction: float = 0.0,
                     progress: Callable[[str, float], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
-                    eval_set: ImageSet | None = None, crossfit: int = 0) -> SanitizeOutcome:
+                    eval_set: ImageSet | None = None, crossfit: int = 0,
+                    on_before: Callable[[dict], None] | None = None) -> SanitizeOutcome:
     """The in-memory core: measure, defend, measure again. `model` takes pixels in [0, 1] (N×C×H×W, the geometry
     of `spec`) and names its stage outputs in `model.behavior_layers`; `data` is the clean subset. Nothing is read
     or written on disk. Raises NBAError for bad inputs, Cancelled when asked to stop.
@@ -187,7 +218,11 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     is measured on `eval_set` when given, else on the held-out part, else on `data` itself -- flagged
     `clean_accuracy_on: "clean_subset"`, optimistic after the defense since it trained on those images.
     crossfit = K ≥ 2 adds an honest K-fold estimate of the clean-accuracy change (nba_core/crossfit.py; K more
-    defense runs). docs/baselines.md, "Held-out split"."""
+    defense runs). docs/baselines.md, "Held-out split".
+
+    evidence=True (default) computes the trigger-free verdict before and after (nba_core/verdict.py) and hands the
+    before-verdict's scan to the defense; `on_before({"metrics": ..., "verdict": ...})` is called as soon as the
+    before-measurements exist."""
     t_start = time.perf_counter()
     progress = progress or no_progress
     should_cancel = should_cancel or never_cancel
@@ -201,21 +236,32 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     train_idx, hold_idx = stratified_split(data.y, holdout_fraction, seed) if holdout_fraction > 0 else (
         np.arange(len(data)), np.arange(0))
     train_part, holdout = data.subset(train_idx), data.subset(hold_idx)
-    evidence_data = data if evidence else None
     accuracy_set, accuracy_on = ((eval_set, "eval_set") if eval_set is not None else
                                  (holdout, "holdout") if len(holdout) else (data, "clean_subset"))
-    measure = dict(holdout=accuracy_set, accuracy_on=accuracy_on, evidence_data=evidence_data, probe=probe,
-                   probe_target=probe_target, num_classes=spec.num_classes, device=dev, seed=seed)
+    measure = dict(holdout=accuracy_set, accuracy_on=accuracy_on, probe=probe, probe_target=probe_target)
 
     bar = _OverallProgress(progress, expected_stages=len(getattr(defense, "stages", ())) or 2)
     bar.emit("evaluate_before", 0.0)
     t0 = time.perf_counter()
     before = _measure(model, **measure)
+    verdicts: dict[str, Any] = {}
+    session = prior = None
+    if evidence:
+        # The scan sees all of D (more images, steadier); the reference trains on the defense's part only.
+        session = VerdictSession(model, data.x, data.y, ref_x=train_part.x, ref_y=train_part.y,
+                                 num_classes=spec.num_classes, seed=seed, hflip=spec.in_channels == 3,
+                                 should_cancel=should_cancel)
+        v_before, scan_before = session.judge(model)
+        verdicts["before"] = session.report(v_before, scan_before)
+        verdicts["reference_seconds"] = round(session.reference_seconds, 3)
+        prior = (v_before, scan_before)
     t_before = time.perf_counter() - t0
+    if on_before is not None:
+        on_before(json.loads(json.dumps({"metrics": {"before": before}, "verdict": verdicts}, default=_json_default)))
     bar.emit("evaluate_before", _BEFORE)
 
     ctx = DefenseContext(spec=spec, device=dev, generator=generator, seed=seed, progress=bar.defense,
-                         should_cancel=should_cancel, hflip=spec.in_channels == 3)
+                         should_cancel=should_cancel, hflip=spec.in_channels == 3, verdict=prior)
     t0 = time.perf_counter()
     result = defense.run(model, train_part, ctx)
     t_defense = time.perf_counter() - t0
@@ -227,6 +273,12 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     bar.emit("evaluate_after", _BEFORE + _DEFENSE)
     t0 = time.perf_counter()
     after = _measure(result.model, **measure)
+    if session is not None:
+        v_after, scan_after = session.judge(result.model)
+        verdicts["after"] = session.report(v_after, scan_after)
+        verdicts["change"] = compare(verdicts["before"], verdicts["after"])
+        verdicts["headline"] = [verdict_headline(verdicts["before"], "before"),
+                                verdict_headline(verdicts["after"], "after")]
     t_after = time.perf_counter() - t0
     crossfit_result = None
     if crossfit:
@@ -252,6 +304,7 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
         "data": {"clean_subset": len(data), "defense_train": len(train_part), "holdout": len(holdout),
                  "eval_set": len(eval_set) if eval_set is not None else None, "clean_accuracy_on": accuracy_on,
                  "probe": len(probe) if probe is not None else None, "probe_target": probe_target},
+        "verdict": verdicts or None,
         "metrics": {"before": before, "after": after},
         "crossfit": crossfit_result,
         "timing": {"total_seconds": time.perf_counter() - t_start, "evaluate_before_seconds": t_before,
@@ -260,5 +313,49 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
         "defense_info": result.info,
         "log": result.log,
     }
+    report["warnings"] = warnings_for(report)
     report = json.loads(json.dumps(report, default=_json_default))  # plain JSON types only
     return SanitizeOutcome(model=result.model, report=report)
+
+
+def scan(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, report_path: str | None = None,
+         device: str = "auto", seed: int = 0, progress: Callable[[str, float], None] | None = None,
+         should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Detect only: the trigger-free verdict of the model at `model_path` on the clean set at `data_path`
+    (`verdict.before`; there is no `after`). The benign reference trains on all of the clean set."""
+    t_start = time.perf_counter()
+    progress = progress or no_progress
+    spec = resolve_spec(spec)
+    shape = (spec.in_channels, *spec.input_size)
+    progress("load", 0.0)
+    model = load_model(model_path, spec)
+    data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape)
+    seed_everything(seed)
+    dev = pick_device(device)
+    model = prepare_model(model, dev)
+    progress("scan", 0.1)
+    session = VerdictSession(model, data.x, data.y, num_classes=spec.num_classes, seed=seed,
+                             hflip=spec.in_channels == 3, should_cancel=should_cancel or never_cancel)
+    progress("scan", 0.5)
+    verdict, model_scan = session.judge(model)
+    before = session.report(verdict, model_scan)
+    report = {
+        "kind": "nba-scan-report",
+        "note": "Trigger-free backdoor verdict (see docs/verdict.md); NBA as reconstructed from the published abstract.",
+        "nba_core_version": __version__,
+        "method": "scan",
+        "seed": seed,
+        "device": str(dev),
+        "spec": spec.model_dump(mode="json"),
+        "data": {"clean_subset": len(data)},
+        "verdict": {"before": before, "after": None, "headline": [verdict_headline(before, "before")],
+                    "reference_seconds": round(session.reference_seconds, 3)},
+        "metrics": {"before": {}},
+        "timing": {"total_seconds": time.perf_counter() - t_start},
+    }
+    report["warnings"] = []
+    report = json.loads(json.dumps(report, default=_json_default))
+    if report_path:
+        write_json_atomic(report_path, report)
+    progress("done", 1.0)
+    return report

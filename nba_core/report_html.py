@@ -16,7 +16,6 @@ BAR_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("clean accuracy", ("clean_accuracy",)),
     ("attack success rate", ("attack_success_rate",)),
     ("robust accuracy", ("robust_accuracy",)),
-    ("trigger-free suspect success", ("trigger_free", "suspect_success_rate")),
 )
 
 
@@ -119,8 +118,23 @@ def render_report_html(report: dict, *, job_id: str | None = None, plots: bool =
              f"<h1>{esc(title)}</h1>",
              f"<p>method <b>{esc(str(report.get('method')))}</b>, seed {esc(str(report.get('seed')))}, "
              f"device {esc(str(report.get('device')))}</p>"]
+    verdict = report.get("verdict") or {}
+    for line in verdict.get("headline") or []:  # the verdict first
+        parts.append(f"<p style='font-size:1.2em'><b>{esc(str(line))}</b></p>")
+    if (verdict.get("change") or {}).get("summary"):
+        parts.append(f"<p>{esc(str(verdict['change']['summary']))}</p>")
+    for warning in report.get("warnings") or []:  # right under the verdict, before any number
+        parts.append(f"<p class='warn'><b>Warning:</b> {esc(str(warning))}</p>")
     if report.get("note"):
         parts.append(f"<p><i>{esc(str(report['note']))}</i></p>")
+    before = _dig(report, ("metrics", "before")) or {}
+    if isinstance(before.get("clean_accuracy_ci95"), list):
+        after = _dig(report, ("metrics", "after")) or {}
+        ci = [m.get("clean_accuracy_ci95") for m in (before, after)]
+        parts.append(f"<p>held-out clean accuracy on n={esc(str(before.get('holdout_size')))} images, 95 % Wilson "
+                     "interval: " + " → ".join(f"{100 * c[0]:.1f}–{100 * c[1]:.1f} %" for c in ci if c) + "</p>")
+        if before.get("clean_accuracy_note"):
+            parts.append(f"<p>{esc(str(before['clean_accuracy_note']))}</p>")
     rows = metric_rows(report)
     if rows:
         parts.append("<table><tr><th>metric</th><th>before</th><th>after</th></tr>")
@@ -132,8 +146,6 @@ def render_report_html(report: dict, *, job_id: str | None = None, plots: bool =
     classes = _class_table(report)
     if classes:
         parts.append(classes)
-    for warning in report.get("warnings") or []:
-        parts.append(f"<p class='warn'>⚠ {esc(str(warning))}</p>")
     for name, png in (_plots_or_none(report) if plots else []):
         parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name)}' src='data:image/png;base64,{png}'>")
     sha = _dig(report, ("output", "sha256"))

@@ -117,53 +117,81 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classe
     `init` warm-starts from earlier masks/patterns (NBA refreshes its pseudo triggers against the student).
     The model's parameters get no gradients and its train/eval mode is restored afterwards.
     """
+    return optimise_mask_triggers(model, x, y, targets=classes, sources=[], steps=steps, batch_size=batch_size,
+                                  l1_weight=l1_weight, lr=lr, success_threshold=success_threshold,
+                                  generator=generator, init=init, mask_init=mask_init, should_cancel=should_cancel)
+
+
+def optimise_mask_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, targets: list[int],
+                           sources: list[int | None], steps: int, batch_size: int, l1_weight: float, lr: float = 0.1,
+                           success_threshold: float = 0.9, generator: torch.Generator,
+                           init: tuple[torch.Tensor, torch.Tensor] | None = None, mask_init: float = 0.5,
+                           should_cancel: CancelFn = never_cancel) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batched smallest-mask optimisation over two kinds of rows:
+    - a *target* row k looks for a trigger sending images of the other classes TO k (all-to-one backdoors);
+    - a *source* row s looks for a trigger sending images OF class s to any other class; s = None means images of
+      EVERY class, each away from its own label -- one universal trigger that shifts labels (all-to-all
+      backdoors, where each class is the target of one source only and no target row stands out).
+    Rows are ordered targets then sources; returns (masks, patterns, steps) with one row each."""
     device = x.device
-    n_cls = len(classes)
+    n_t, n_rows = len(targets), len(targets) + len(sources)
     c, h, w = x.shape[1:]
     if init is None:
         # A half-covering mask succeeds for every class almost at once; the adaptive L1 weight then shrinks it.
-        mask_logit = torch.full((n_cls, 1, h, w), float(torch.logit(torch.tensor(mask_init))), device=device)
-        pattern_logit = (torch.rand(n_cls, c, h, w, generator=generator) * 2 - 1).to(device)
+        mask_logit = torch.full((n_rows, 1, h, w), float(torch.logit(torch.tensor(mask_init))), device=device)
+        pattern_logit = (torch.rand(n_rows, c, h, w, generator=generator) * 2 - 1).to(device)
     else:
         m0, p0 = (t.to(device).clamp(1e-4, 1 - 1e-4) for t in init)
         mask_logit, pattern_logit = torch.logit(m0), torch.logit(p0)
     mask_logit.requires_grad_(True)
     pattern_logit.requires_grad_(True)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
-    pools = [torch.nonzero(y != k).flatten() for k in classes]
-    targets = torch.tensor(classes, device=device).repeat_interleave(batch_size)
-    lam = torch.full((n_cls,), float(l1_weight), device=device)
-    best_l1 = torch.full((n_cls,), float("inf"), device=device)
+    pools = [torch.nonzero(y != k).flatten() for k in targets] + [
+        torch.arange(len(y), device=y.device) if s is None else torch.nonzero(y == s).flatten() for s in sources]
+    if any(len(p) == 0 for p in pools):
+        raise NBAError(INVALID_PARAMS, "scan needs images of every scanned source class and of at least two classes")
+    target_class = torch.tensor(list(targets) + [0] * len(sources), device=device).repeat_interleave(batch_size)
+    is_target = (torch.arange(n_rows, device=device) < n_t).repeat_interleave(batch_size)
+    lam = torch.full((n_rows,), float(l1_weight), device=device)
+    best_l1 = torch.full((n_rows,), float("inf"), device=device)
     best_mask = torch.sigmoid(mask_logit.detach()).clone()
     best_pattern = torch.sigmoid(pattern_logit.detach()).clone()
     with eval_mode(model):
         for _ in range(steps):
             if should_cancel():
                 raise Cancelled()
-            idx = _sample(pools, batch_size, generator, device)  # K×b
+            idx = _sample(pools, batch_size, generator, device)  # rows×b
+            row_class = torch.where(is_target, target_class, y[idx.flatten()])
             mask = torch.sigmoid(mask_logit)
             pattern = torch.sigmoid(pattern_logit)
-            xb = apply_trigger(x[idx], mask[:, None], pattern[:, None])  # K×b×C×H×W
+            xb = apply_trigger(x[idx], mask[:, None], pattern[:, None])  # rows×b×C×H×W
             with autocast(device):
                 logits = model(xb.flatten(0, 1)).float()
-            ce = F.cross_entropy(logits, targets, reduction="none").view(n_cls, batch_size).mean(1)
-            area = mask.flatten(1).mean(1)  # fraction of the image covered, per class
+            logp = F.log_softmax(logits, 1)
+            logp_k = logp.gather(1, row_class[:, None])[:, 0]
+            # target rows: -log p(k); source rows: -log(1 - p(s)), i.e. "anything but s".
+            away = -torch.log1p(-logp_k.exp().clamp(max=1 - 1e-6))
+            loss_i = torch.where(is_target, -logp_k, away)
+            pred = logits.argmax(1)
+            hit = torch.where(is_target, pred == row_class, pred != row_class)
+            ce = loss_i.view(n_rows, batch_size).mean(1)
+            area = mask.flatten(1).mean(1)  # fraction of the image covered, per row
             loss = (ce + lam * area).sum()
             g_m, g_p = torch.autograd.grad(loss, [mask_logit, pattern_logit])
             with torch.no_grad():
-                success = (logits.argmax(1) == targets).float().view(n_cls, batch_size).mean(1)
+                success = hit.float().view(n_rows, batch_size).mean(1)
                 ok = success >= success_threshold
                 l1 = mask.flatten(1).sum(1)
                 better = ok & (l1 < best_l1)
                 best_l1 = torch.where(better, l1, best_l1)
                 best_mask[better] = mask[better].detach()
                 best_pattern[better] = pattern[better].detach()
-                # Per-class L1 schedule: tighten while the trigger works, relax while it does not.
+                # Per-row L1 schedule: tighten while the trigger works, relax while it does not.
                 lam = torch.where(ok, lam * LAM_UP, lam / LAM_UP).clamp(1e-3, 1e3)
             mask_logit.grad, pattern_logit.grad = g_m, g_p
             opt.step()
     with torch.no_grad():
-        # A class that never reached the threshold keeps its final (large) mask.
+        # A row that never reached the threshold keeps its final (large) mask.
         never = torch.isinf(best_l1)
         best_mask[never] = torch.sigmoid(mask_logit.detach())[never]
         best_pattern[never] = torch.sigmoid(pattern_logit.detach())[never]

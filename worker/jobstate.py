@@ -158,10 +158,26 @@ class NewArtifact:
     spec: dict | None = None
 
 
+def record_metrics(session_factory: SessionFactory, claim: Claim, metrics: dict) -> bool:
+    """Store partial results (metrics.before and the before-verdict) while the job still runs; False if this
+    worker no longer owns the job."""
+    with session_factory() as session:
+        done = session.execute(
+            update(Job).where(_owned(claim)).values(metrics=metrics, updated_at=utcnow())
+            .returning(Job.id).execution_options(synchronize_session=False)
+        ).scalar()
+        if done is None:
+            session.rollback()
+            return False
+        add_event(session, claim.job_id, "metrics_before", None)
+        session.commit()
+        return True
+
+
 def finish_succeeded(session_factory: SessionFactory, claim: Claim, *, metrics: dict,
-                     result: NewArtifact, report: NewArtifact, report_html: NewArtifact | None) -> bool:
+                     result: NewArtifact | None, report: NewArtifact, report_html: NewArtifact | None) -> bool:
     """Insert the output artifacts and mark the job succeeded in ONE transaction; False (and nothing written)
-    if this worker no longer owns the job."""
+    if this worker no longer owns the job. `result` is None for a scan job (no cleaned model)."""
     now = utcnow()
     with session_factory() as session:
         rows = {}
@@ -174,7 +190,8 @@ def finish_succeeded(session_factory: SessionFactory, claim: Claim, *, metrics: 
             rows[name] = row
         session.flush()  # assigns ids
         return _finish(session, _owned(claim), status="succeeded", now=now, stage="done", progress=1.0,
-                       metrics=metrics, result_id=rows["result"].id, report_id=rows["report"].id,
+                       metrics=metrics, result_id=rows["result"].id if "result" in rows else None,
+                       report_id=rows["report"].id,
                        report_html_id=rows["report_html"].id if "report_html" in rows else None)
 
 

@@ -1,4 +1,5 @@
-"""Run one job: claim it, fetch its inputs, call nba_core.pipeline.sanitize, store the outputs, finish once.
+"""Run one job: claim it, fetch its inputs, call nba_core.pipeline.sanitize (or .scan for method "scan"), store the
+outputs, finish once. metrics.before and the before-verdict are stored as soon as they exist.
 
 Free of Celery so it can be tested and reused directly; worker/tasks.py wraps it in the Celery task.
 """
@@ -64,17 +65,40 @@ def fetch_inputs(session_factory: SessionFactory, store: ArtifactStore, claim: C
     return out
 
 
-def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, job_id: str
-                  ) -> tuple[NewArtifact, NewArtifact, NewArtifact | None]:
+VERDICT_KEYS = ("status", "targets", "pairs", "score", "reasons")
+
+
+def job_verdict(verdict: dict | None) -> dict | None:
+    """The verdict as the job JSON shows it (the report keeps the per-class scores and scans)."""
+    if not verdict:
+        return None
+    out = {w: ({k: verdict[w][k] for k in VERDICT_KEYS if k in verdict[w]} if verdict.get(w) else None)
+           for w in ("before", "after")}
+    out["headline"] = verdict.get("headline") or []
+    out["change"] = (verdict.get("change") or {}).get("summary")
+    return out
+
+
+def job_metrics(report: dict) -> dict:
+    """What the job row stores: the metrics, plus the verdict and warnings (lifted out by the API)."""
+    return {**(report.get("metrics") or {}), "verdict": job_verdict(report.get("verdict")),
+            "warnings": list(report.get("warnings") or [])}
+
+
+def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path | None, job_id: str
+                  ) -> tuple[NewArtifact | None, NewArtifact, NewArtifact | None]:
     from nba_core.report_html import render_report_html
 
-    model_obj = store.put_file(out_path)
-    expected = (report.get("output") or {}).get("sha256")
-    if expected and expected != model_obj.sha256:
-        raise RuntimeError(f"cleaned model hash changed between save and store ({expected} != {model_obj.sha256})")
-    # The worker's temp path means nothing to the client; the job id and the artifact hash do.
-    report = {**report, "job_id": job_id, "output": {**(report.get("output") or {}), "path": None,
-                                                      "sha256": model_obj.sha256, "size_bytes": model_obj.size}}
+    model_obj = None
+    if out_path is not None:
+        model_obj = store.put_file(out_path)
+        expected = (report.get("output") or {}).get("sha256")
+        if expected and expected != model_obj.sha256:
+            raise RuntimeError(f"cleaned model hash changed between save and store ({expected} != {model_obj.sha256})")
+        # The worker's temp path means nothing to the client; the job id and the artifact hash do.
+        report = {**report, "output": {**(report.get("output") or {}), "path": None,
+                                       "sha256": model_obj.sha256, "size_bytes": model_obj.size}}
+    report = {**report, "job_id": job_id}
     report_obj = store.put_bytes(json.dumps(report, indent=2, allow_nan=False).encode())
     html_art = None
     try:
@@ -82,8 +106,10 @@ def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, job_id:
         html_art = NewArtifact("report", "html", "report.html", html_obj.key, html_obj.sha256, html_obj.size)
     except Exception:  # the HTML is a convenience; a plotting failure must not fail a finished job
         log.exception("rendering the HTML report of job %s failed", job_id)
-    return (NewArtifact("result", "safetensors", "cleaned.safetensors", model_obj.key, model_obj.sha256,
-                        model_obj.size, spec=report.get("spec")),
+    result = None if model_obj is None else NewArtifact(
+        "result", "safetensors", "cleaned.safetensors", model_obj.key, model_obj.sha256, model_obj.size,
+        spec=report.get("spec"))
+    return (result,
             NewArtifact("report", "json", "report.json", report_obj.key, report_obj.sha256, report_obj.size),
             html_art)
 
@@ -117,16 +143,26 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
         return FAILED
 
     try:
-        from nba_core.pipeline import sanitize  # torch (and CUDA, via pick_device) only inside the worker child
+        from nba_core.pipeline import sanitize, scan  # torch (and CUDA, via pick_device) only inside the worker child
+
+        def on_before(partial: dict) -> None:
+            jobstate.record_metrics(session_factory, claim, json_safe(job_metrics(partial)))
 
         with tempfile.TemporaryDirectory(prefix=f"nba-job-{claim.job_id[:8]}-") as tmp:
             folder = Path(tmp)
             inputs = fetch_inputs(session_factory, store, claim, folder)
-            out_path = folder / "cleaned.safetensors"
-            report = sanitize(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
-                              method=claim.method, params=claim.params, out_path=str(out_path),
-                              probe_path=inputs["probe"], probe_target=claim.probe_target, device=settings.device,
+            out_path: Path | None = folder / "cleaned.safetensors"
+            if claim.method == "scan":
+                out_path = None
+                report = scan(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
+                              device=settings.device, seed=int((claim.params or {}).get("seed", 0)),
                               progress=monitor.progress, should_cancel=monitor.should_cancel)
+            else:
+                report = sanitize(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
+                                  method=claim.method, params=claim.params, out_path=str(out_path),
+                                  probe_path=inputs["probe"], probe_target=claim.probe_target,
+                                  device=settings.device, progress=monitor.progress,
+                                  should_cancel=monitor.should_cancel, on_before=on_before)
             report = json_safe(report)
             monitor.progress("store", 1.0)
             monitor.stop()
@@ -134,7 +170,9 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
             if monitor.stop_reason == REASON_LOST:
                 return LOST
             result, report_art, html_art = store_outputs(store, report, out_path=out_path, job_id=claim.job_id)
-        done = jobstate.finish_succeeded(session_factory, claim, metrics=report.get("metrics") or {},
+        # A cleaned model that is still suspected is a success with a warning (report["warnings"]), not a failure:
+        # the user gets the model, the verdict and the reason to distrust it.
+        done = jobstate.finish_succeeded(session_factory, claim, metrics=job_metrics(report),
                                          result=result, report=report_art, report_html=html_art)
         return SUCCEEDED if done else LOST
     except Cancelled:

@@ -89,7 +89,8 @@ def _replay(existing: Job, rhash: str, response: Response, session: Session) -> 
 
 
 @router.post("/jobs", status_code=201, response_model=JobOut, responses={**_ERRORS, 200: {"model": JobOut}},
-             summary="Create a sanitization job (201; 200 when replayed with the same Idempotency-Key)")
+             summary="Create a sanitization job, or a detect-only job with method \"scan\" (201; 200 when replayed "
+                     "with the same Idempotency-Key)")
 def create_job(body: JobCreate, response: Response, request: Request, state: ServiceState = Depends(get_state),
                idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", min_length=1,
                                                     max_length=200, pattern=r"^[\x21-\x7e]+$",

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.models import Artifact, Job
 
-Method = Literal["nba", "nad", "ft", "fp", "anp", "ibau", "sau", "ftsam"]
+Method = Literal["nba", "nad", "ft", "fp", "anp", "ibau", "sau", "ftsam", "scan"]
+VerdictStatus = Literal["suspected", "not_suspected", "inconclusive"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -44,7 +45,8 @@ class JobCreate(BaseModel):
 
     model_id: str = Field(max_length=36)
     dataset_id: str = Field(max_length=36)
-    method: str = Field(max_length=32, description="nba | nad | ft | fp | anp | ibau | sau | ftsam")
+    method: str = Field(max_length=32, description="nba | nad | ft | fp | anp | ibau | sau | ftsam to sanitize; scan to "
+                                                   "detect only (the job gets a verdict and a report, no cleaned model)")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (validated by the worker)")
     probe_id: str | None = Field(default=None, max_length=36, description="a triggered probe set (POST /v1/probes)")
     probe_target: int | None = Field(default=None, ge=0, description="the backdoor target class of the probe")
@@ -56,6 +58,24 @@ class JobLinks(BaseModel):
     model: str | None = None
     report: str | None = None
     report_html: str | None = None
+
+
+class ModelVerdict(BaseModel):
+    status: VerdictStatus
+    targets: list[int] = Field(description="suspected backdoor target classes")
+    pairs: list[list[int]] = Field(description="label-shift backdoors: [source, target] class pairs")
+    score: float = Field(description="largest per-class score in threshold units; >= 1 means suspected")
+    reasons: list[str] = Field(default_factory=list)
+
+
+class JobVerdict(BaseModel):
+    """The trigger-free backdoor verdict (docs/verdict.md): `before` appears as soon as it is computed, `after`
+    when a sanitization job succeeds (null for method scan)."""
+
+    before: ModelVerdict | None = None
+    after: ModelVerdict | None = None
+    headline: list[str] = Field(default_factory=list, description="one plain line per verdict")
+    change: str | None = Field(default=None, description="what changed between before and after")
 
 
 class JobOut(BaseModel):
@@ -73,6 +93,8 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     error: ErrorBody | None
+    verdict: JobVerdict | None = Field(default=None, description="the backdoor verdict, first thing to read")
+    warnings: list[str] = Field(default_factory=list, description="e.g. the cleaned model is still suspected")
     metrics: dict[str, Any] | None
     result: ArtifactOut | None = None
     created_at: datetime
@@ -88,11 +110,15 @@ class JobOut(BaseModel):
         base = f"/v1/jobs/{job.id}"
         done = job.status == "succeeded"
         error = ErrorBody(code=job.error_code, message=job.error_message or "") if job.error_code else None
+        # The worker keeps the verdict and warnings next to the metrics in the job's JSON column.
+        stored = dict(job.metrics or {})
+        verdict, warnings = stored.pop("verdict", None), stored.pop("warnings", None) or []
         return cls(
             id=job.id, status=job.status, stage=job.stage, progress=job.progress, method=job.method,
             params=job.params or {}, model_id=job.model_id, dataset_id=job.dataset_id, probe_id=job.probe_id,
             probe_target=job.probe_target, attempts=job.attempts, max_attempts=job.max_attempts,
-            cancel_requested=job.cancel_requested, error=error, metrics=job.metrics,
+            cancel_requested=job.cancel_requested, error=error, verdict=verdict, warnings=warnings,
+            metrics=stored or None,
             result=ArtifactOut.of(result) if result is not None else None,
             created_at=job.created_at, updated_at=job.updated_at, enqueued_at=job.enqueued_at,
             started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,

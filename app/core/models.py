@@ -32,7 +32,8 @@ ARTIFACT_KINDS = ("model", "dataset", "probe", "result", "report")
 ARTIFACT_FORMATS = ("safetensors", "pt", "npz", "zip", "tar", "json", "html", "png")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-METHODS = ("nba", "nad", "ft", "fp", "anp", "ibau", "sau", "ftsam")  # = nba_core.defenses.METHODS (a test checks)
+# The defenses (= nba_core.defenses.METHODS, a test checks) and scan: detect only (a verdict, no cleaned model).
+METHODS = ("nba", "nad", "ft", "fp", "anp", "ibau", "sau", "ftsam", "scan")
 
 
 def utcnow() -> datetime:

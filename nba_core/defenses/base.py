@@ -29,6 +29,9 @@ class DefenseContext:
     progress: ProgressFn = no_progress
     should_cancel: CancelFn = never_cancel
     hflip: bool = False  # whether horizontal flips preserve labels for this data (colour natural images: yes)
+    # The pipeline's before-verdict and its scan (nba_core.verdict.Verdict, ModelScan): defenses that need
+    # suspects (NBA) take them from here instead of running a second, possibly disagreeing scan.
+    verdict: tuple[Any, Any] | None = None
 
 
 @dataclass

@@ -23,8 +23,8 @@ from ..device import to_device
 from ..errors import INVALID_PARAMS, NBAError
 from ..models.base import SpecModel, capture_outputs
 from ..train import TrainConfig, eval_mode, predict_logits, train_classifier
-from ..triggerscan import (PerturbationScan, ScanResult, apply_trigger, optimise_triggers,
-                           scan_universal_perturbations, scan_universal_triggers)
+from ..triggerscan import apply_trigger, optimise_mask_triggers
+from ..verdict import SCAN, ModelScan, Verdict, judge, scan_model
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .behavior import REPRESENTATIONS, behavior_distance
 from .teacher import train_teacher
@@ -46,19 +46,23 @@ class NBAConfig:
     # class for WaNet and cannot express a blend; the universal δ toward the class a small global change reaches
     # most easily covers Blended/WaNet/SIG (it found the target for all three at scan_eps 0.15, not at 0.05-0.1).
     pseudo: str = "class_scan+universal"
-    scan_steps: int = 60  # class_scan: the batched all-class scan on the suspect model
-    scan_batch: int = 8
-    top_k: int = 1  # class_scan: how many suspect classes' triggers to use when none/one is flagged
+    # class_scan: the suspects come from the verdict's scan (nba_core/verdict.py; the pipeline hands its
+    # before-verdict over, so the report and NBA never disagree): every flagged target's patch trigger, the
+    # label-shift trigger when pairs are flagged, and the global δ of every class flagged by the global rows.
+    # Without a verdict (library use) NBA runs the same scan itself, with its teacher as the benign reference.
+    scan_steps: int = SCAN["steps"]
+    scan_batch: int = SCAN["batch_size"]
+    top_k: int = 1  # class_scan: when the verdict flags nothing, the top_k classes by patch score are used
     refresh_every: int = 0  # epochs between re-optimising the suspect triggers against the student (0 = never)
     refresh_steps: int = 10
     eps: float = 0.1  # per_sample / universal: L∞ bound of δ in pixel units
     # class_scan: also a universal additive δ (L∞ ≤ scan_eps) targeted at the suspect class, for triggers that
     # are global rather than patch-like (blends, warps); half of each batch gets it. 0 switches it off.
     scan_eps: float = 0.15
-    # class_scan+universal: the δ's target classes are instead the uap_top_k classes that a batched all-class
-    # universal-perturbation scan (L∞ ≤ scan_eps, uap_steps steps) reaches most easily.
+    # class_scan+universal: the δ's target classes are the verdict's global-flagged classes, or else the uap_top_k
+    # classes by global score (the scan's universal δ, L∞ ≤ scan_eps, uap_steps steps).
     uap_top_k: int = 1
-    uap_steps: int = 20
+    uap_steps: int = SCAN["uap_steps"]
     stack_delta: bool = False  # δ on top of the patch-stamped rows instead of separate rows (worse on Trojan/SIG)
     pseudo_steps: int = 5  # per_sample / universal: signed-gradient steps per batch
     # Loss weights (validation runs, docs/nba.md): the teacher does not always lose the backdoor (BadNets s1: the KL to it
@@ -112,52 +116,68 @@ class _Pseudo:
         pass
 
 
-class _ClassScanPseudo(_Pseudo):
-    """Pseudo samples aimed at the suspect class(es) found by the scan: their synthesised mask+pattern triggers
-    stamped onto clean images (each image gets one suspect's trigger, drawn at random), and -- for half of the
-    batch when scan_eps > 0 -- a universal additive δ targeted at the suspect, carried over between batches.
-    Both are re-optimised against the student as it trains, so S cannot keep a backdoor that a slightly
-    different trigger still opens."""
+@dataclass
+class Suspects:
+    """What the verdict's scan hands NBA: trigger rows to stamp (class >= 0: a patch trigger towards that class;
+    -1: the label-shift trigger) and global δs (with their classes)."""
 
-    def __init__(self, scan: ScanResult, suspects: list[int], model, x: torch.Tensor, y: torch.Tensor,
-                 cfg: NBAConfig, generator: torch.Generator, should_cancel,
-                 perturbations: PerturbationScan | None = None):
-        self.suspects = suspects
-        self.masks = scan.masks[suspects].to(x.device)
-        self.patterns = scan.patterns[suspects].to(x.device)
+    masks: torch.Tensor
+    patterns: torch.Tensor
+    classes: list[int]
+    deltas: torch.Tensor
+    delta_classes: list[int]
+
+    @classmethod
+    def from_verdict(cls, verdict: Verdict, scan: ModelScan, *, top_k: int = 1, uap_top_k: int = 1) -> "Suspects":
+        k = scan.num_classes
+        patch = list(verdict.targets)
+        if not verdict.targets and not verdict.pairs:  # nothing flagged: the most suspicious anyway
+            patch = sorted(range(k), key=lambda c: -verdict.scores["patch"][c])[:top_k]
+        # The global δ: every class the global rows flag, else the uap_top_k most global-suspicious (validated
+        # default: one δ always, which covers blends/warps whose global score stays under the threshold).
+        glob = [c for c in verdict.targets if verdict.scores["global"][c] >= 1] or sorted(
+            range(k), key=lambda c: -verdict.scores["global"][c])[:uap_top_k]
+        rows = list(patch) + ([k] if verdict.pairs else [])
+        return cls(masks=scan.masks[rows], patterns=scan.patterns[rows], classes=list(patch) + [-1] * bool(verdict.pairs),
+                   deltas=scan.deltas[glob] if glob else scan.deltas[:0], delta_classes=list(glob))
+
+
+class _ClassScanPseudo(_Pseudo):
+    """Pseudo samples aimed at the verdict's suspects: their synthesised mask+pattern triggers stamped onto clean
+    images (each image gets one, drawn at random), and -- for half of the batch when scan_eps > 0 and a global
+    suspect exists -- a universal additive δ targeted at a suspect class, carried over between batches. The δ is
+    re-optimised against the student as it trains, so S cannot keep a backdoor that a slightly different trigger
+    still opens."""
+
+    def __init__(self, suspects: Suspects, x: torch.Tensor, y: torch.Tensor, cfg: NBAConfig,
+                 generator: torch.Generator, should_cancel):
+        self.suspects = suspects.classes
+        self.masks = suspects.masks.to(x.device)
+        self.patterns = suspects.patterns.to(x.device)
         # Epochs are scored against the triggers found on the suspect model: refreshed ones are optimised
         # against the student itself (adversarial patches), which would make the score drift between epochs.
         self.scan_masks, self.scan_patterns = self.masks, self.patterns
         self.x, self.y, self.cfg, self.gen, self.should_cancel = x, y, cfg, generator, should_cancel
         self.refreshes = 0
-        if perturbations is not None:
-            # δ aims at the classes a small global change reaches most easily, starting from the scan's δ.
-            self.delta_suspects = perturbations.ranking()[: cfg.uap_top_k]
-            self.delta = perturbations.deltas[self.delta_suspects].to(x.device).clone()
-        else:
-            self.delta_suspects = suspects
-            self.delta = torch.zeros(len(suspects), *x.shape[1:], device=x.device)
-        if cfg.scan_eps > 0 and perturbations is None:
-            for _ in range(3 * cfg.pseudo_steps):  # a head start on the suspect model itself
-                idx = torch.randint(len(y), (cfg.batch_size,), generator=generator).to(x.device)
-                self._update_delta(model, x[idx])
+        self.delta_suspects = suspects.delta_classes if cfg.scan_eps > 0 else []
+        self.delta = suspects.deltas[: len(self.delta_suspects)].to(x.device).clone().clamp(-cfg.scan_eps,
+                                                                                             cfg.scan_eps)
 
     def _update_delta(self, model, xb: torch.Tensor) -> None:
         """One signed-gradient step per suspect towards 'classified as the suspect' (model mode restored)."""
         eps = self.cfg.scan_eps
         with eval_mode(model):
             for i, k in enumerate(self.delta_suspects):
-                keep = xb  # images of class k too: pushing them to k is harmless
                 delta = self.delta[i : i + 1].clone().requires_grad_(True)
-                logits = model((keep + delta).clamp(0, 1)).float()
-                loss = F.cross_entropy(logits, torch.full((len(keep),), k, device=xb.device))
+                logits = model((xb + delta).clamp(0, 1)).float()  # images of class k too: pushing them to k is harmless
+                loss = F.cross_entropy(logits, torch.full((len(xb),), k, device=xb.device))
                 (g,) = torch.autograd.grad(loss, [delta])
                 self.delta[i] = (self.delta[i] - eps / 4 * g[0].sign()).clamp(-eps, eps)
 
     def make(self, student, teacher, xb, yb):
         which = torch.randint(len(self.suspects), (len(xb),), generator=self.gen).to(xb.device)
         out = apply_trigger(xb, self.masks[which], self.patterns[which])
-        if self.cfg.scan_eps > 0:
+        if self.delta_suspects:
             self._update_delta(student, xb)
             # Rows 2 mod 4 (1 mod 2 when the caller does not mix in clean rows): the additive δ.
             rows = torch.arange(len(xb), device=xb.device)
@@ -170,23 +190,27 @@ class _ClassScanPseudo(_Pseudo):
         return out
 
     def success(self, student, x, y) -> float:
-        """Share of held-out images (not of the suspect class) that S sends to the suspect class."""
+        """Share of held-out images that the scan's triggers still move: to the suspect class (patch rows), or off
+        their own label (the label-shift row, class -1)."""
         hits, total = 0, 0
         for i, k in enumerate(self.suspects):
             keep = y != k
             if not keep.any():
                 continue
-            x_t = apply_trigger(x[keep], self.scan_masks[i], self.scan_patterns[i])
-            hits += int((predict_logits(student, x_t).argmax(1) == k).sum())
+            pred = predict_logits(student, apply_trigger(x[keep], self.scan_masks[i], self.scan_patterns[i])).argmax(1)
+            hits += int((pred == k).sum()) if k >= 0 else int((pred != y[keep]).sum())
             total += int(keep.sum())
         return hits / max(total, 1)
 
     def end_epoch(self, student, epoch):
         every = self.cfg.refresh_every
         if every > 0 and (epoch + 1) % every == 0 and epoch + 1 < self.cfg.student_epochs:
-            m, p, _ = optimise_triggers(student, self.x, self.y, self.suspects, steps=self.cfg.refresh_steps,
-                                        batch_size=self.cfg.scan_batch, l1_weight=0.5, generator=self.gen,
-                                        init=(self.masks, self.patterns), should_cancel=self.should_cancel)
+            targets = [k for k in self.suspects if k >= 0]
+            sources = [None] * (len(self.suspects) - len(targets))
+            m, p, _ = optimise_mask_triggers(student, self.x, self.y, targets=targets, sources=sources,
+                                             steps=self.cfg.refresh_steps, batch_size=self.cfg.scan_batch,
+                                             l1_weight=0.5, generator=self.gen, init=(self.masks, self.patterns),
+                                             should_cancel=self.should_cancel)
             self.masks, self.patterns = m.detach(), p.detach()
             self.refreshes += 1
 
@@ -251,6 +275,13 @@ class NBA(Defense):
         super().__init__(**params)
         self._validate(self.config)
 
+    def _scan_settings(self) -> dict:
+        """The scan settings that differ from the verdict's defaults ({} = the pipeline's verdict scan is reusable)."""
+        cfg = self.config
+        mine = {"steps": cfg.scan_steps, "batch_size": cfg.scan_batch, "uap_steps": cfg.uap_steps,
+                "uap_eps": cfg.scan_eps if cfg.scan_eps > 0 else SCAN["uap_eps"]}
+        return {k: v for k, v in mine.items() if v != SCAN[k]}
+
     @staticmethod
     def _representations(cfg: NBAConfig) -> list[str]:
         return [r.strip() for r in cfg.representations.split(",") if r.strip()]
@@ -265,10 +296,10 @@ class NBA(Defense):
         if cfg.pseudo not in PSEUDO_MODES:
             problems.append(f"pseudo must be one of {', '.join(PSEUDO_MODES)}")
         for key in ("teacher_epochs", "student_epochs", "scan_steps", "scan_batch", "top_k", "batch_size",
-                    "pseudo_steps", "uap_top_k", "uap_steps"):
+                    "pseudo_steps", "uap_steps"):
             if getattr(cfg, key) < 1:
                 problems.append(f"{key} must be >= 1")
-        for key in ("teacher_shift", "student_shift", "refresh_every", "refresh_steps"):
+        for key in ("teacher_shift", "student_shift", "refresh_every", "refresh_steps", "uap_top_k"):
             if getattr(cfg, key) < 0:
                 problems.append(f"{key} must be >= 0")
         for key in ("teacher_lr", "student_lr"):
@@ -319,21 +350,25 @@ class NBA(Defense):
         pseudo: _Pseudo | None = None
         with timer("trigger_search"):
             if cfg.pseudo.startswith("class_scan"):
-                scan = scan_universal_triggers(model, x_fit, y_fit, num_classes=num_classes, steps=cfg.scan_steps,
-                                               batch_size=cfg.scan_batch, device=dev, generator=ctx.generator,
-                                               should_cancel=ctx.should_cancel)
-                suspects = scan.suspects(cfg.top_k)
-                info["scan_before"] = _scan_summary(scan)
-                info["suspect_classes"] = suspects
-                perturbations = None
-                if cfg.pseudo == "class_scan+universal":
-                    perturbations = scan_universal_perturbations(
-                        model, x_fit, y_fit, num_classes=num_classes, eps=cfg.scan_eps, steps=cfg.uap_steps,
-                        batch_size=cfg.scan_batch, generator=ctx.generator, should_cancel=ctx.should_cancel)
-                    info["uap_success_rate"] = [round(v, 4) for v in perturbations.success_rate]
-                pseudo = _ClassScanPseudo(scan, suspects, model, x_fit, y_fit, cfg, ctx.generator,
-                                           ctx.should_cancel, perturbations)
-                info["uap_suspects"] = pseudo.delta_suspects if perturbations is not None else []
+                prior = ctx.verdict if self._scan_settings() == {} else None
+                if prior is not None:  # the pipeline's before-verdict: the same scan, not a second one
+                    verdict, scan = prior
+                    info["verdict_source"] = "pipeline before-verdict"
+                else:  # the same scan design, the teacher as the benign reference
+                    settings = self._scan_settings()
+                    scans = [scan_model(m, x_fit, y_fit, num_classes=num_classes, seed=ctx.seed, settings=settings,
+                                        should_cancel=ctx.should_cancel) for m in (teacher, model)]
+                    verdict, scan = judge(scans[1], scans[0]), scans[1]
+                    info["verdict_source"] = "own scan (teacher as reference)"
+                    info["verdict"] = verdict.to_dict()
+                if cfg.pseudo == "class_scan":
+                    verdict = Verdict(verdict.status, [t for t in verdict.targets if verdict.scores["patch"][t] >= 1],
+                                      verdict.pairs, verdict.score, verdict.scores)
+                suspects = Suspects.from_verdict(verdict, scan, top_k=cfg.top_k,
+                                                 uap_top_k=cfg.uap_top_k if cfg.pseudo != "class_scan" else 0)
+                info["suspect_classes"] = suspects.classes
+                info["uap_suspects"] = suspects.delta_classes
+                pseudo = _ClassScanPseudo(suspects, x_fit, y_fit, cfg, ctx.generator, ctx.should_cancel)
             elif cfg.pseudo in ("per_sample", "universal"):
                 pseudo = _DisagreementPseudo(cfg.pseudo == "universal", cfg, reps, layers, clean.shape, dev,
                                              ctx.generator)
@@ -425,8 +460,3 @@ class NBA(Defense):
         if isinstance(pseudo, _ClassScanPseudo):
             info["trigger_refreshes"] = pseudo.refreshes
         return DefenseResult(model=student, log=log, stage_seconds=dict(timer.seconds), info=info)
-
-
-def _scan_summary(scan: ScanResult) -> dict:
-    return {"mask_l1": [round(v, 3) for v in scan.mask_l1], "success_rate": [round(v, 4) for v in scan.success_rate],
-            "anomaly_index": round(scan.anomaly_index, 4), "flagged": scan.flagged}

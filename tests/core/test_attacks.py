@@ -246,3 +246,26 @@ def test_unknown_attack_parameters_are_invalid_params():
         get_attack("wanet", k=1)
     assert e.value.code == INVALID_PARAMS
 
+
+
+def test_all_to_all_and_two_target_poisoning():
+    import numpy as np
+
+    from nba_core.attacks import AllToAll, MultiTarget, get_attack
+    from nba_core.data.imageset import ImageSet
+
+    rng = np.random.default_rng(0)
+    train = ImageSet(rng.random((200, 1, 8, 8), dtype=np.float32), np.repeat(np.arange(10), 20))
+    a2a = get_attack("badnets", all_to_all=True, num_classes=10, rate=0.2, seed=0)
+    assert isinstance(a2a, AllToAll) and a2a.pairs()[9] == [9, 0]
+    poisoned, idx = a2a.poison(train)
+    assert len(idx) == 40 and (poisoned.y[idx] == (train.y[idx] + 1) % 10).all()
+    assert (poisoned.x[idx][..., -2, -2] == 1.0).all()
+    with pytest.raises(NBAError):
+        get_attack("sig", all_to_all=True, num_classes=10)
+    two = MultiTarget([get_attack("badnets", target=0, rate=0.05, seed=0),
+                       get_attack("badnets", target=5, rate=0.05, seed=1, corner="top_left")])
+    poisoned, idx = two.poison(train)
+    assert len(idx) == 20 and set(poisoned.y[idx]) == {0, 5} and two.targets == [0, 5]
+    top_left = poisoned.y[idx] == 5
+    assert (poisoned.x[idx][top_left][..., 1, 1] == 1.0).all()

@@ -119,3 +119,48 @@ def test_entry_point_help_runs():
     assert proc.returncode == 0
     for command in ("attack", "sanitize", "evaluate"):
         assert command in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def attacked_mnist(tmp_path_factory) -> Path:
+    """A BadNets model on MNIST-5k (few epochs): 8×8 digits are too small for the verdict (a 2×2 patch needs a mask
+    only ~2× smaller than a natural class's), see docs/verdict.md."""
+    out = tmp_path_factory.mktemp("attack_mnist")
+    assert main(["attack", "--dataset", "mnist5k", "--attack", "badnets", "--seed", "0", "--epochs", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.timeout(1500)  # MNIST: a scan and a sanitize, each with a reference and scans; minutes on shared cores
+def test_scan_and_a_sanitize_that_leaves_the_backdoor_exit_5(attacked_mnist: Path, tmp_path: Path, capsys):
+    from nba_core.cli import EXIT_SUSPECTED
+
+    attacked = attacked_mnist
+
+    files = ["--model", str(attacked / "model.safetensors"), "--spec", str(attacked / "model.json"),
+             "--data", str(attacked / "clean.npz")]
+    capsys.readouterr()
+    assert main(["scan", *files, "--json", "--quiet"]) == EXIT_SUSPECTED
+    verdict = json.loads(capsys.readouterr().out)["verdict"]
+    assert verdict["before"]["status"] == "suspected" and 0 in verdict["before"]["targets"]
+    assert verdict["after"] is None
+
+    report = tmp_path / "report.json"
+    code = main(["sanitize", *files, "--method", "ft", "--param", "epochs=1", "--param", "lr=0.001",
+                 "--out", str(tmp_path / "c.safetensors"), "--report", str(report), "--quiet"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == EXIT_SUSPECTED
+    assert out[0].startswith("backdoor verdict before: SUSPECTED") and out[1].startswith("backdoor verdict after")
+    rep = json.loads(report.read_text())
+    assert rep["verdict"]["before"]["status"] == rep["verdict"]["after"]["status"] == "suspected"
+    assert any("still suspected" in w for w in rep["warnings"])
+    assert rep["metrics"]["after"]["holdout_size"] > 0 and len(rep["metrics"]["after"]["clean_accuracy_ci95"]) == 2
+
+
+def test_attack_all_to_all(tmp_path: Path):
+    out = tmp_path / "a2a"
+    assert main(["attack", "--dataset", "digits", "--attack", "badnets", "--all-to-all", "--epochs", "8",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "attack.json").read_text())
+    assert summary["all_to_all"] and summary["pairs"][0] == [0, 1] and summary["target"] is None
+    assert summary["attack_success_rate"] > 0.5

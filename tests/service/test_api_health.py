@@ -20,6 +20,12 @@ def test_healthz_readyz_openapi(api_server) -> None:
                  "/v1/jobs/{job_id}/model", "/v1/jobs/{job_id}/report"):
         assert path in spec["paths"], path
     assert "multipart/form-data" in spec["paths"]["/v1/models"]["post"]["requestBody"]["content"]
+    # The verdict contract and the detect-only method are documented.
+    schemas = spec["components"]["schemas"]
+    assert {"verdict", "warnings"} <= set(schemas["JobOut"]["properties"])
+    assert set(schemas["ModelVerdict"]["properties"]["status"]["enum"]) == {"suspected", "not_suspected",
+                                                                          "inconclusive"}
+    assert "scan" in schemas["JobCreate"]["properties"]["method"]["description"]
 
 
 def test_readyz_reports_a_down_broker_and_jobs_stay_queued(server_factory, make_key, uploaded_factory) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 from nba_core.report_html import loss_curves, metric_rows, render_report_html
@@ -10,9 +11,9 @@ from worker.runner import json_safe
 REPORT = {
     "method": "nba", "seed": 0, "device": "cpu",
     "metrics": {"before": {"clean_accuracy": 0.97, "attack_success_rate": 1.0,
-                           "trigger_free": {"suspect_success_rate": 0.9}},
+                           "extra": 1},
                 "after": {"clean_accuracy": 0.95, "attack_success_rate": 0.02,
-                          "trigger_free": {"suspect_success_rate": 0.1}}},
+                          "extra": 1}},
     "timing": {"total_seconds": 12.5},
     "log": [{"stage": "teacher", "epoch": 1, "loss": 1.2}, {"stage": "teacher", "epoch": 2, "loss": 0.8},
             {"stage": "distillation", "epoch": 1, "loss": 2.0, "kl_loss": 0.5, "lr": 0.01}],
@@ -21,8 +22,7 @@ REPORT = {
 
 
 def test_metric_rows_and_curves():
-    assert metric_rows(REPORT) == [("clean accuracy", 0.97, 0.95), ("attack success rate", 1.0, 0.02),
-                                   ("trigger-free suspect success", 0.9, 0.1)]
+    assert metric_rows(REPORT) == [("clean accuracy", 0.97, 0.95), ("attack success rate", 1.0, 0.02)]
     curves = loss_curves(REPORT["log"])
     assert curves == {"teacher: loss": [(1.0, 1.2), (2.0, 0.8)], "distillation: loss": [(1.0, 2.0)],
                       "distillation: kl_loss": [(1.0, 0.5)]}
@@ -44,3 +44,15 @@ def test_json_safe_replaces_non_finite_numbers():
     cleaned = json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": "x"})
     assert cleaned == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": "x"}
     json.dumps(cleaned, allow_nan=False)
+
+
+def test_html_report_puts_the_verdict_and_warnings_first():
+    report = {**copy.deepcopy(REPORT), "verdict": {"headline": ["backdoor verdict before: SUSPECTED (target class(es) [0])",
+                                                 "backdoor verdict after: SUSPECTED (target class(es) [0])"],
+                                    "change": {"summary": "still suspected after the defense"}},
+              "warnings": ["the cleaned model is still suspected of a backdoor"]}
+    report["metrics"]["before"]["clean_accuracy_ci95"] = [0.9, 0.99]
+    report["metrics"]["before"]["holdout_size"] = 40
+    html = render_report_html(report)
+    assert html.index("backdoor verdict after: SUSPECTED") < html.index("<table>")
+    assert "Warning:" in html and "still suspected" in html and "n=40" in html

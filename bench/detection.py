@@ -1,0 +1,216 @@
+"""The detection table (issue 8): is the trigger-free verdict right, before and after each defense?
+
+One command: `python -m bench.detection` (defaults: the six attacks + all-to-all + two-target BadNets on seeds 0-2,
+benign models on seeds 0-9, defenses ft nad nba, 4 scan seeds for the flip rate). Per model it records the
+before-verdict at every scan seed (flip rate), and per defense the after-verdict next to the real trigger's ASR.
+Rows go to docs/benchmarks/detection.jsonl (resumable); the report to detection.{json,md}. Tuning seeds (10-13)
+are for choosing thresholds only and are never in the reported table (`--seeds`/`--benign-seeds` say what runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .common import OUT_DIR, RowLog, provenance
+from .detect_models import KINDS, load_or_make, truth
+
+KEY = ("kind", "seed", "defense", "scan_seed")
+ASR_CLEAN, ASR_BACKDOORED = 0.05, 0.50  # the issue's agreement bands for the after-verdict
+
+
+def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], log: RowLog, commit: str) -> None:
+    import torch
+
+    from nba_core.defenses import get_defense
+    from nba_core.defenses.base import DefenseContext
+    from nba_core.device import pick_device, seed_everything
+    from nba_core.metrics import clean_accuracy
+    from nba_core.verdict import VerdictSession
+
+    torch.set_num_threads(1)
+    r = load_or_make(kind, seed)
+    k = r.spec.num_classes
+    base = {"kind": kind, "seed": seed, "truth": truth(kind), "asr_before": r.asr(r.model),
+            "ca_before": clean_accuracy(r.model, r.test.x, r.test.y), "attack_train_seconds": r.meta["seconds"],
+            "clean_subset_size": len(r.clean), "commit": commit}
+    sessions = {}
+    for s in scan_seeds:
+        t0 = time.perf_counter()
+        session = VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=k, seed=s)
+        verdict, scan = session.judge(r.model)
+        sessions[s] = (session, verdict, scan)
+        if not log.has(kind=kind, seed=seed, defense="none", scan_seed=s):
+            log.add(base | {"defense": "none", "scan_seed": s, "verdict": verdict.to_dict(),
+                            "verdict_seconds": time.perf_counter() - t0,
+                            "reference_seconds": session.reference_seconds, "scan_seconds": scan.seconds})
+    session, verdict, scan = sessions[scan_seeds[0]]
+    for name in defenses:
+        if log.has(kind=kind, seed=seed, defense=name, scan_seed=scan_seeds[0]):
+            continue
+        ctx = DefenseContext(spec=r.spec, device=pick_device("cpu"), generator=seed_everything(seed), seed=seed,
+                             hflip=r.spec.in_channels == 3, verdict=(verdict, scan))
+        t0 = time.perf_counter()
+        result = get_defense(*defense_spec(name)).run(r.model, r.clean, ctx)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        after, _ = session.judge(result.model)
+        log.add(base | {"defense": name, "scan_seed": scan_seeds[0], "verdict_before": verdict.to_dict(),
+                        "verdict": after.to_dict(), "asr_after": r.asr(result.model),
+                        "ca_after": clean_accuracy(result.model, r.test.x, r.test.y), "defense_seconds": seconds,
+                        "verdict_seconds": time.perf_counter() - t1})
+
+
+def defense_spec(name: str) -> tuple[str, dict]:
+    """"ft" or "ft:epochs=1,lr=0.001" (a deliberately weak defense, to see the verdict on a surviving backdoor)."""
+    method, _, rest = name.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = float(value) if "." in value or "e" in value else int(value)
+    return method, params
+
+
+def auroc(pos: list[float], neg: list[float]) -> float | None:
+    """Probability that a backdoored model scores above a benign one (ties count half)."""
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def summarize(rows: list[dict]) -> dict:
+    before = [r for r in rows if r["defense"] == "none"]
+    first_seed = min((r["scan_seed"] for r in before), default=0)
+    primary = [r for r in before if r["scan_seed"] == first_seed]
+    pos = [r["verdict"]["score"] for r in primary if r["truth"]["backdoored"] and r["asr_before"] >= ASR_BACKDOORED]
+    neg = [r["verdict"]["score"] for r in primary if not r["truth"]["backdoored"]]
+    benign_flagged = [r for r in primary if not r["truth"]["backdoored"] and r["verdict"]["status"] == "suspected"]
+    per_kind = {}
+    for kind in KINDS:
+        rs = [r for r in primary if r["kind"] == kind]
+        if not rs:
+            continue
+        hits = []
+        for r in rs:
+            t, v = r["truth"], r["verdict"]
+            if not t["backdoored"]:
+                hits.append(v["status"] == "not_suspected")
+            elif t["pairs"]:
+                hits.append(v["status"] == "suspected" and sorted(map(tuple, v["pairs"])) == sorted(map(tuple, t["pairs"])))
+            else:
+                hits.append(v["status"] == "suspected" and sorted(v["targets"]) == sorted(t["targets"]))
+        per_kind[kind] = {"models": len(rs), "exact": sum(hits), "statuses": [r["verdict"]["status"] for r in rs],
+                          "scores": [round(r["verdict"]["score"], 2) for r in rs],
+                          "targets": [r["verdict"]["targets"] for r in rs],
+                          "pairs": [len(r["verdict"]["pairs"]) for r in rs],
+                          "asr_before": [round(r["asr_before"], 3) for r in rs]}
+    # Flip rate: a model whose status differs between scan seeds.
+    by_model: dict[tuple, set] = {}
+    for r in before:
+        by_model.setdefault((r["kind"], r["seed"]), set()).add(r["verdict"]["status"])
+    multi = {m: s for m, s in by_model.items()
+             if sum(1 for r in before if (r["kind"], r["seed"]) == m) > 1}
+    after = [r for r in rows if r["defense"] != "none"]
+    clean_after = [r for r in after if r["asr_after"] <= ASR_CLEAN]
+    dirty_after = [r for r in after if r["asr_after"] >= ASR_BACKDOORED]
+    per_defense = {}
+    for d in sorted({r["defense"] for r in after}):
+        rs = [r for r in after if r["defense"] == d]
+        per_defense[d] = {"rows": len(rs),
+                          "clean_after_not_suspected": f"{sum(r['verdict']['status'] == 'not_suspected' for r in rs if r['asr_after'] <= ASR_CLEAN)}/{sum(r['asr_after'] <= ASR_CLEAN for r in rs)}",
+                          "backdoored_after_suspected": f"{sum(r['verdict']['status'] == 'suspected' for r in rs if r['asr_after'] >= ASR_BACKDOORED)}/{sum(r['asr_after'] >= ASR_BACKDOORED for r in rs)}",
+                          "asr_after": [round(r["asr_after"], 3) for r in rs],
+                          "ca_drop": [round(100 * (r["ca_before"] - r["ca_after"]), 2) for r in rs],
+                          "after_statuses": [r["verdict"]["status"] for r in rs]}
+    secs = [r["verdict_seconds"] for r in before]
+    return {
+        "auroc_before": auroc(pos, neg), "backdoored_models": len(pos), "benign_models": len(neg),
+        "benign_fpr": (len(benign_flagged) / len(neg)) if neg else None,
+        "flip_rate": (sum(len(s) > 1 for s in multi.values()) / len(multi)) if multi else None,
+        "flip_models": len(multi),
+        "after_not_suspected_when_asr_le_5": (sum(r["verdict"]["status"] == "not_suspected" for r in clean_after),
+                                              len(clean_after)),
+        "after_suspected_when_asr_ge_50": (sum(r["verdict"]["status"] == "suspected" for r in dirty_after),
+                                           len(dirty_after)),
+        "per_kind": per_kind, "per_defense": per_defense,
+        "verdict_seconds_mean": (sum(secs) / len(secs)) if secs else None,
+    }
+
+
+def _fmt(value, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str = "detection") -> None:
+    summary = summarize(rows)
+    (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "args": args, "summary": summary,
+                                                    "rows": rows}, indent=1))
+    s = summary
+    lines = [f"# Trigger-free verdict: detection table (MNIST-5k, small CNN)", "",
+             f"Command: `{args['command']}`  ", f"Commit `{str(prov['commit'])[:10]}`{' (dirty)' if prov['dirty'] else ''},"
+             f" {prov['when']}, {prov['machine']['platform']}, torch {prov['machine']['torch']}, CPU.", ""]
+    if args.get("note"):
+        lines += [f"**{args['note']}**", ""]
+    pair = lambda t: f"{t[0]}/{t[1]}" + (f" ({100 * t[0] / t[1]:.0f} %)" if t[1] else "")
+    lines += ["| measure | value | goal |", "|---|---|---|",
+              f"| AUROC of the before-score (backdoored with ASR ≥ 50 % vs benign) | "
+              f"{_fmt(s['auroc_before'], '{:.3f}')} "
+              f"({s['backdoored_models']} vs {s['benign_models']} models) | high |",
+              f"| false-positive rate on benign models (suspected) | "
+              f"{_fmt(s['benign_fpr'], '{:.1%}')} | ≤ 2 % |",
+              f"| flip rate of the before-verdict across scan seeds | "
+              f"{_fmt(s['flip_rate'], '{:.0%}')} ({s['flip_models']} models) | 0 |",
+              f"| after a defense, real ASR ≤ 5 %: verdict not_suspected | {pair(s['after_not_suspected_when_asr_le_5'])} | ≥ 98 % |",
+              f"| after a defense, real ASR ≥ 50 %: verdict suspected | {pair(s['after_suspected_when_asr_ge_50'])} | all |",
+              f"| verdict time per model (reference + scan, CPU, shared) | "
+              f"{_fmt(s['verdict_seconds_mean'], '{:.1f} s')} | |", "",
+              "## Before, per model kind (first scan seed)", "",
+              "| kind | models | exact (status + targets/pairs) | statuses | scores | targets | #pairs | real ASR |",
+              "|---|---|---|---|---|---|---|---|"]
+    for kind, v in s["per_kind"].items():
+        lines.append(f"| {kind} | {v['models']} | {v['exact']} | {', '.join(v['statuses'])} | {v['scores']} | "
+                     f"{v['targets']} | {v['pairs']} | {v['asr_before']} |")
+    if s["per_defense"]:
+        lines += ["", "## After each defense", "",
+                  "| defense | rows | ASR ≤ 5 % → not_suspected | ASR ≥ 50 % → suspected | real ASR after | CA drop (points) | after-verdicts |",
+                  "|---|---|---|---|---|---|---|"]
+        for d, v in s["per_defense"].items():
+            lines.append(f"| {d} | {v['rows']} | {v['clean_after_not_suspected']} | {v['backdoored_after_suspected']} | "
+                         f"{v['asr_after']} | {v['ca_drop']} | {', '.join(v['after_statuses'])} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Regenerate the trigger-free verdict's detection table.")
+    p.add_argument("--kinds", nargs="+", default=[k for k in KINDS if k != "none"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--benign-seeds", nargs="+", type=int, default=list(range(10)))
+    p.add_argument("--defenses", nargs="+", default=["ft", "nad", "nba", "ft:epochs=1,lr=0.001"],
+                   help="methods, optionally with params (ft:epochs=1,lr=0.001 leaves the backdoor on purpose)")
+    p.add_argument("--scan-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--stem", default="detection")
+    p.add_argument("--note", default="")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the rows already there")
+    args = p.parse_args(argv)
+    log = RowLog(args.out / f"{args.stem}.jsonl", KEY)
+    prov = provenance()
+    units = [("none", s) for s in args.benign_seeds] + [(k, s) for s in args.seeds for k in args.kinds]
+    t0 = time.perf_counter()
+    if not args.report_only:
+        for kind, seed in units:
+            run_model(kind, seed, args.defenses, args.scan_seeds, log, prov["commit"])
+            print(f"done {kind} seed {seed} after {time.perf_counter() - t0:.0f} s", flush=True)
+    import sys
+
+    write_report(log.rows, args.out, prov, {"command": "python -m bench.detection " + " ".join(argv or sys.argv[1:]),
+                                            "note": args.note}, args.stem)
+    print(f"wrote {args.out}/{args.stem}.{{json,md}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

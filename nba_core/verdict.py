@@ -1,0 +1,293 @@
+"""The trigger-free verdict: is this model backdoored, and which classes or (source, target) pairs? (docs/verdict.md)
+
+One scan design serves the verdict before and after a defense and NBA's pseudo samples (no second scan):
+- **patch rows**: per target class k, the smallest mask+pattern sending images of the other classes to k
+  (all-to-one patch triggers: BadNets, Trojan, CL's patch);
+- **shift rows**: ONE smallest mask+pattern sending images of every class away from their own label (a few
+  restarts, the smallest kept), and, per source class, the class its images land in -- the induced mapping
+  (label-shift / all-to-all backdoors, where every target has one source and no patch row stands out);
+- **global rows**: per class, a universal additive δ (L∞ ≤ eps) and how often it reaches the class (blends,
+  warps, SIG: triggers spread over the whole image).
+
+Calibration: a class that is naturally easy to reach (MNIST 2 and 8, Fashion-MNIST Bag/Shirt) is easy on every
+model trained on the same data, so each class is compared with ITSELF on a per-job benign reference -- the
+suspect fine-tuned hard on the clean data with shifts (NBA's teacher recipe, NBA.md §5 lesson 1: it breaks the
+backdoor while keeping the data's natural geometry) -- scanned with the same settings and the same random draws:
+    patch_k  = log(L1_ref(k) / L1(k)) - c        shift = log(L1_ref(shift) / L1(shift)) - c
+    global_k = logit(SR(k)) - logit(SR_ref(k)) - median_j(same)
+with c the median patch log-ratio (a global difference in robustness between model and reference is not a
+backdoor; in an all-to-all model the patch rows stay normal, so c stays honest for the shift rows). Each family's
+score is divided by its threshold (fitted on benign models of tuning seeds, never on a test trigger); the model
+score is the largest, and >= 1 means suspected. The after-verdict reuses the SAME reference scan, so before and
+after compare the same classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .train import CancelFn, TrainConfig, eval_mode, never_cancel, predict_logits, train_classifier
+from .triggerscan import apply_trigger, optimise_mask_triggers, scan_universal_perturbations
+
+SUSPECTED, NOT_SUSPECTED, INCONCLUSIVE = "suspected", "not_suspected", "inconclusive"
+
+# Scan settings (one set for every use; validated for stability across scan seeds on tuning seeds).
+SCAN = {"steps": 80, "batch_size": 12, "shift_restarts": 2, "shift_batch": 24, "l1_weight": 0.5, "lr": 0.5, "mask_init": 0.05,
+        "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12}
+# Reference model: the suspect fine-tuned hard on D (NBA's teacher defaults).
+REFERENCE = {"epochs": 10, "lr": 0.1, "shift": 2, "batch_size": 64, "weight_decay": 5e-4}
+REFERENCE_MIN_ACC, REFERENCE_TRIES = 0.8, 3  # accuracy on D relative to the suspect's; retries at lr / 3
+# Thresholds per family, in the units of module doc (fitted on benign tuning models; docs/verdict.md).
+THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0}
+MIN_LAND_SHARE = 0.5  # a source joins the label-shift pattern when the shift trigger sends most of it to one class
+INCONCLUSIVE_BAND = 0.8  # a model score in [0.8, 1) is "inconclusive": too close to call
+MIN_PER_CLASS = 2  # fewer clean images of some class than this: the scan cannot be trusted -> inconclusive
+MAX_IMAGES = 1000  # larger clean sets are subsampled for the scan
+SR_CLIP = 0.02  # success rates are clipped to [SR_CLIP, 1 - SR_CLIP] before the logit
+
+
+@dataclass
+class ModelScan:
+    """One model's scan (CPU tensors). Rows of masks/patterns: K patch rows then the best shift row."""
+
+    patch_l1: list[float]
+    shift_l1: float
+    source_lands: list[int]  # per source class: where the shift trigger sends its images most often
+    source_land_share: list[float]
+    global_success: list[float]
+    masks: torch.Tensor
+    patterns: torch.Tensor
+    deltas: torch.Tensor
+    seconds: float = 0.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.patch_l1)
+
+    def summary(self) -> dict:
+        return {"patch_mask_l1": _round(self.patch_l1, 3), "shift_mask_l1": round(self.shift_l1, 3),
+                "source_lands_in": list(self.source_lands), "source_land_share": _round(self.source_land_share, 3),
+                "global_success_rate": _round(self.global_success, 4), "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class Verdict:
+    status: str
+    targets: list[int]
+    pairs: list[list[int]]
+    score: float  # max over families of score / threshold; >= 1 suspected
+    scores: dict[str, list[float]] = field(default_factory=dict)  # per family, per class, in threshold units
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "targets": list(self.targets), "pairs": [list(p) for p in self.pairs],
+                "score": round(self.score, 4), "threshold": 1.0,
+                "scores": {k: _round(v, 4) for k, v in self.scores.items()}, "reasons": list(self.reasons)}
+
+
+def scan_subset(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (at most MAX_IMAGES) images every scan of one job uses."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(y) > MAX_IMAGES:
+        idx = np.sort(np.random.default_rng(seed).choice(len(y), size=MAX_IMAGES, replace=False))
+        x, y = x[idx], y[idx]
+    return x, y
+
+
+def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: torch.device | None = None,
+               should_cancel: CancelFn = never_cancel, settings: dict | None = None) -> ModelScan:
+    """Scan `model` on clean (x, y): patch, source and global rows (module doc). The random draws depend only on
+    `seed`, so two models scanned with the same seed see the same images in the same order."""
+    s = {**SCAN, **(settings or {})}
+    t0 = time.perf_counter()
+    device = device or next(model.parameters()).device
+    xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
+    classes = list(range(num_classes))
+    gen = torch.Generator().manual_seed(int(seed))
+    masks, patterns, _ = optimise_mask_triggers(
+        model, xt, yt, targets=classes, sources=[None] * s["shift_restarts"], steps=s["steps"],
+        batch_size=s["batch_size"], l1_weight=s["l1_weight"], lr=s["lr"], generator=gen, mask_init=s["mask_init"],
+        should_cancel=should_cancel)
+    l1 = masks.flatten(1).sum(1).cpu()
+    best = num_classes + int(l1[num_classes:].argmin())
+    masks = torch.cat([masks[:num_classes], masks[best : best + 1]])
+    patterns = torch.cat([patterns[:num_classes], patterns[best : best + 1]])
+    lands, shares = [], []
+    with eval_mode(model), torch.no_grad():
+        for src in classes:
+            xs = xt[yt == src]
+            if len(xs) == 0:  # a class absent from the clean set: no mapping to read
+                lands.append(src)
+                shares.append(0.0)
+                continue
+            pred = predict_logits(model, apply_trigger(xs, masks[num_classes], patterns[num_classes])).argmax(1)
+            counts = torch.bincount(pred[pred != src], minlength=num_classes)
+            land = int(counts.argmax())
+            lands.append(land)
+            shares.append(float(counts[land]) / max(len(xs), 1))
+    uap = scan_universal_perturbations(model, xt, yt, num_classes=num_classes, eps=s["uap_eps"],
+                                       steps=s["uap_steps"], batch_size=s["uap_batch"], generator=gen,
+                                       should_cancel=should_cancel)
+    return ModelScan(patch_l1=[float(v) for v in l1[:num_classes]], shift_l1=float(l1[best]),
+                     source_lands=lands, source_land_share=shares, global_success=list(uap.success_rate),
+                     masks=masks.detach().cpu(), patterns=patterns.detach().cpu(), deltas=uap.deltas,
+                     seconds=time.perf_counter() - t0)
+
+
+def train_reference(model: nn.Module, x, y, *, seed: int, hflip: bool = False,
+                    should_cancel: CancelFn = never_cancel) -> nn.Module:
+    """The per-job benign reference: a copy of `model` fine-tuned hard on the clean (x, y) (module doc)."""
+    device = next(model.parameters()).device
+    xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
+    floor = REFERENCE_MIN_ACC * _accuracy(model, xt, yt)
+    lr = REFERENCE["lr"]
+    for _ in range(REFERENCE_TRIES):
+        ref = copy.deepcopy(model)
+        for p in ref.parameters():
+            p.requires_grad_(True)
+        cfg = TrainConfig(epochs=REFERENCE["epochs"], lr=lr, shift=REFERENCE["shift"], hflip=hflip,
+                          batch_size=REFERENCE["batch_size"], weight_decay=REFERENCE["weight_decay"])
+        train_classifier(ref, xt, yt, cfg, generator=torch.Generator().manual_seed(int(seed) + 7919),
+                         should_cancel=should_cancel, stage="reference")
+        ref.eval()
+        # lr 0.1 on a few dozen images can diverge (a collapsed reference makes every class look odd): retry gentler.
+        if _accuracy(ref, xt, yt) >= floor:
+            break
+        lr /= 3
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with eval_mode(model), torch.no_grad():
+        return float((predict_logits(model, x).argmax(1) == y).float().mean())
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, SR_CLIP), 1 - SR_CLIP)
+    return math.log(p / (1 - p))
+
+
+def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None,
+          thresholds: dict | None = None) -> Verdict:
+    """Compare a model's scan with the reference's, class by class (module doc)."""
+    th = {**THRESHOLDS, **(thresholds or {})}
+    k = scan.num_classes
+    patch_lr = [math.log(max(ref.patch_l1[i], 1e-3) / max(scan.patch_l1[i], 1e-3)) for i in range(k)]
+    shift_lr = math.log(max(ref.shift_l1, 1e-3) / max(scan.shift_l1, 1e-3))
+    c = float(np.median(patch_lr))
+    glob = [_logit(scan.global_success[i]) - _logit(ref.global_success[i]) for i in range(k)]
+    g0 = float(np.median(glob))
+    scores = {"patch": [(v - c) / th["patch"] for v in patch_lr],
+              "shift": [(shift_lr - c) / th["shift"]],
+              "global": [(v - g0) / th["global"] for v in glob]}
+    targets = sorted({i for i in range(k) if scores["patch"][i] >= 1 or scores["global"][i] >= 1},
+                     key=lambda i: -max(scores["patch"][i], scores["global"][i]))
+    pairs = []
+    if scores["shift"][0] >= 1:
+        pairs = [[i, scan.source_lands[i]] for i in range(k) if scan.source_land_share[i] >= MIN_LAND_SHARE
+                 and scan.source_lands[i] not in targets]
+    # Many flagged sources landing in one class is an all-to-one backdoor the patch rows missed: a target.
+    landing = [p[1] for p in pairs]
+    for t in sorted(set(landing)):
+        if landing.count(t) >= max(3, k // 2):
+            targets.append(t)
+            pairs = [p for p in pairs if p[1] != t]
+    score = max(max(v) for v in scores.values())
+    reasons = []
+    if targets:
+        reasons.append(f"classes {targets}: a trigger reaches them far more easily than on the benign reference")
+    if pairs:
+        reasons.append(f"one small trigger moves {len(pairs)} source classes each to one other class (label shift)")
+    if targets or pairs:
+        status = SUSPECTED
+    elif too_little_data:
+        status = INCONCLUSIVE
+        reasons.append(too_little_data)
+    elif score >= INCONCLUSIVE_BAND:
+        status = INCONCLUSIVE
+        reasons.append(f"score {score:.2f} is close to the threshold 1")
+    else:
+        status = NOT_SUSPECTED
+    return Verdict(status=status, targets=targets, pairs=pairs, score=score, scores=scores, reasons=reasons)
+
+
+def data_problem(y, num_classes: int) -> str | None:
+    counts = np.bincount(np.asarray(y), minlength=num_classes)
+    if counts.min() < MIN_PER_CLASS:
+        return (f"too few clean images to scan every class (the smallest class has {int(counts.min())}, "
+                f"at least {MIN_PER_CLASS} needed)")
+    return None
+
+
+class VerdictSession:
+    """The reference and its scan for one job, shared by the before- and after-verdict (same classes, same draws)."""
+
+    def __init__(self, model: nn.Module, x, y, *, ref_x=None, ref_y=None, num_classes: int, seed: int = 0,
+                 hflip: bool = False, should_cancel: CancelFn = never_cancel):
+        self.num_classes, self.seed, self.should_cancel = num_classes, int(seed), should_cancel
+        self.problem = data_problem(y, num_classes)  # a missing or tiny class: the verdict can only be inconclusive
+        self.x, self.y = scan_subset(x, y, seed)
+        t0 = time.perf_counter()
+        self.reference = train_reference(model, x if ref_x is None else ref_x, y if ref_y is None else ref_y,
+                                         seed=seed, hflip=hflip, should_cancel=should_cancel)
+        self.reference_seconds = time.perf_counter() - t0
+        self.reference_scan = self.scan(self.reference)
+
+    def scan(self, model: nn.Module) -> ModelScan:
+        return scan_model(model, self.x, self.y, num_classes=self.num_classes, seed=self.seed,
+                          should_cancel=self.should_cancel)
+
+    def judge(self, model: nn.Module) -> tuple[Verdict, ModelScan]:
+        scan = self.scan(model)
+        return judge(scan, self.reference_scan, too_little_data=self.problem), scan
+
+    def report(self, verdict: Verdict, scan: ModelScan) -> dict:
+        return {**verdict.to_dict(), "scan": scan.summary(), "reference_scan": self.reference_scan.summary(),
+                "images": int(len(self.y)), "seed": self.seed}
+
+
+def compare(before: dict, after: dict) -> dict:
+    """What changed between the before- and after-verdict, on the SAME classes (those flagged before)."""
+    fams = ("patch", "global")
+    classes = sorted(set(before.get("targets", [])) | {p[1] for p in before.get("pairs", [])})
+    rows = [{"class": c, **{f"{f}_before": before["scores"][f][c] for f in fams},
+             **{f"{f}_after": after["scores"][f][c] for f in fams}} for c in classes]
+    shift = {"shift_before": before["scores"]["shift"][0], "shift_after": after["scores"]["shift"][0]}
+    if before["status"] == SUSPECTED and after["status"] == NOT_SUSPECTED:
+        summary = "the backdoor evidence found before is gone"
+    elif after["status"] == SUSPECTED and before["status"] == SUSPECTED:
+        summary = "still suspected after the defense"
+    elif after["status"] == SUSPECTED:
+        summary = "suspected after the defense, not before"
+    else:
+        summary = f"{before['status']} before, {after['status']} after"
+    return {"summary": summary, "classes": rows, **shift}
+
+
+def headline(verdict: dict, when: str) -> str:
+    """One plain line: 'backdoor verdict after: SUSPECTED (targets [0])'."""
+    word = {SUSPECTED: "SUSPECTED", NOT_SUSPECTED: "not suspected", INCONCLUSIVE: "inconclusive"}[verdict["status"]]
+    extra = []
+    if verdict.get("targets"):
+        extra.append(f"target class(es) {verdict['targets']}")
+    if verdict.get("pairs"):
+        extra.append("label shift " + ", ".join(f"{s}->{t}" for s, t in verdict["pairs"]))
+    return f"backdoor verdict {when}: {word}" + (f" ({'; '.join(extra)})" if extra else "") + \
+        f" [score {verdict['score']:.2f}, threshold 1]"
+
+
+def _tensor(a, device, dtype) -> torch.Tensor:
+    return a.to(device, dtype) if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a)).to(device, dtype)
+
+
+def _round(values, digits):
+    return [round(float(v), digits) if math.isfinite(float(v)) else None for v in values]

@@ -1,0 +1,82 @@
+"""The trigger-free verdict: judging a scan against its benign reference, and the shared scan itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nba_core.pipeline import wilson_interval
+from nba_core.verdict import (INCONCLUSIVE, NOT_SUSPECTED, SUSPECTED, ModelScan, compare, data_problem, headline,
+                              judge, scan_model)
+
+K = 10
+NATURAL = [60.0, 80.0, 25.0, 50.0, 55.0, 45.0, 60.0, 50.0, 28.0, 40.0]  # classes 2 and 8 naturally easy
+
+
+def _scan(patch=None, shift=40.0, lands=None, share=None, glob=None) -> ModelScan:
+    return ModelScan(patch_l1=list(patch or NATURAL), shift_l1=shift,
+                     source_lands=list(lands or [(s + 5) % K for s in range(K)]),
+                     source_land_share=list(share or [0.4] * K), global_success=list(glob or [0.05] * K),
+                     masks=torch.zeros(K + 1, 1, 4, 4), patterns=torch.zeros(K + 1, 1, 4, 4),
+                     deltas=torch.zeros(K, 1, 4, 4))
+
+
+def test_naturally_easy_classes_are_not_targets_when_the_reference_shares_them():
+    ref = _scan()
+    benign = _scan(patch=[v * f for v, f in zip(NATURAL, [1.1, 0.9, 1.2, 1.0, 0.8, 1.1, 1.0, 0.95, 0.9, 1.05])])
+    v = judge(benign, ref)
+    assert v.status == NOT_SUSPECTED and v.targets == [] and v.pairs == []
+    # A model uniformly harder or easier than its reference is not backdoored either.
+    assert judge(_scan(patch=[2 * v for v in NATURAL]), ref).status == NOT_SUSPECTED
+
+
+def test_patch_target_two_targets_and_the_same_classes_after():
+    ref = _scan()
+    before = judge(_scan(patch=[6.0] + NATURAL[1:5] + [5.0] + NATURAL[6:]), ref)
+    assert before.status == SUSPECTED and sorted(before.targets) == [0, 5]
+    after = judge(_scan(patch=[55.0] + NATURAL[1:]), ref)
+    assert after.status == NOT_SUSPECTED
+    change = compare(before.to_dict(), after.to_dict())
+    assert [row["class"] for row in change["classes"]] == [0, 5]
+    assert change["summary"] == "the backdoor evidence found before is gone"
+    assert "SUSPECTED" in headline(before.to_dict(), "before") and "[0, 5]" in headline(before.to_dict(), "before")
+
+
+def test_label_shift_pairs_come_from_the_shift_trigger_mapping():
+    ref = _scan()
+    a2a = _scan(shift=2.0, lands=[(s + 1) % K for s in range(K)], share=[0.9] * K)
+    v = judge(a2a, ref)
+    assert v.status == SUSPECTED and v.targets == []
+    assert v.pairs == [[s, (s + 1) % K] for s in range(K)]
+    # The same small shift trigger sending everything to one class is an all-to-one target, not ten pairs.
+    one = judge(_scan(shift=2.0, lands=[3] * K, share=[0.9] * K), ref)
+    assert one.targets == [3] and one.pairs == []
+
+
+def test_global_trigger_and_inconclusive_band():
+    ref = _scan()
+    v = judge(_scan(glob=[0.05] * 7 + [0.97] + [0.05] * 2), ref)
+    assert v.status == SUSPECTED and v.targets == [7]
+    near = judge(_scan(patch=[NATURAL[0] / 2.4] + NATURAL[1:]), ref)  # log(2.4) = 0.88 of the threshold
+    assert near.status == INCONCLUSIVE and near.targets == []
+    assert judge(_scan(), ref, too_little_data="too few").status == INCONCLUSIVE
+    assert data_problem(np.array([0, 0, 1]), 3) is not None and data_problem(np.repeat(np.arange(3), 2), 3) is None
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(9, 10)
+    assert lo == pytest.approx(0.596, abs=1e-3) and hi == pytest.approx(0.982, abs=1e-3)
+    assert wilson_interval(0, 0) is None and wilson_interval(0, 5)[0] == 0.0
+
+
+def test_scan_model_finds_the_digits_backdoor_target_and_is_deterministic():
+    from tests.core.digits_backdoor import backdoored_digits
+
+    model, clean, _, _ = backdoored_digits(rate=0.15)
+    settings = {"steps": 40, "uap_steps": 5}
+    a = scan_model(model, clean.x, clean.y, num_classes=K, seed=0, settings=settings)
+    b = scan_model(model, clean.x, clean.y, num_classes=K, seed=0, settings=settings)
+    assert a.patch_l1 == b.patch_l1 and a.global_success == b.global_success
+    assert int(np.argmin(a.patch_l1)) == 0
+    assert a.masks.shape == (K + 1, 1, 8, 8) and a.deltas.shape == (K, 1, 8, 8)
