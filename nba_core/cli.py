@@ -72,15 +72,22 @@ def cmd_attack(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    hf_config = _read_hf_config(args.hf_config) if args.hf_config else None
     bar = _Bar(not args.quiet)
     try:
         run = backdoor_experiment(args.dataset, args.attack, args.arch, args.seed, poison_rate=args.poison_rate,
                                   clean_fraction=args.clean_fraction, target=args.target, epochs=args.epochs,
-                                  device=args.device, progress=lambda s, f: bar(s, f))
+                                  device=args.device, progress=lambda s, f: bar(s, f), hf_config=hf_config)
     finally:
         bar.close()
-    save_model(run.model, out / "model.safetensors", spec=run.spec)
-    (out / "model.json").write_text(run.spec.to_json() + "\n")
+    if hf_config is not None:  # a Hugging Face folder (what save_pretrained writes) instead of safetensors + spec
+        from .models.hf import write_hf_folder
+
+        write_hf_folder(run.model, run.spec, out / "model")
+        args.arch = run.spec.arch
+    else:
+        save_model(run.model, out / "model.safetensors", spec=run.spec)
+        (out / "model.json").write_text(run.spec.to_json() + "\n")
     save_npz(out / "clean.npz", run.clean_subset)
     save_npz(out / "test.npz", run.test)
     save_npz(out / "test_triggered.npz", run.test_triggered)
@@ -99,16 +106,45 @@ def cmd_attack(args) -> int:
     return EXIT_OK
 
 
+def _read_hf_config(path: str) -> dict:
+    from .hf_config import HF_CONFIG_INVALID, MAX_CONFIG_BYTES, check_hf_config
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise NBAError(HF_CONFIG_INVALID, f"cannot read {path}: {e.strerror}") from None
+    return check_hf_config(raw).config
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise NBAError(INVALID_PARAMS, f"expected comma-separated numbers, got {text!r}") from None
+
+
 def cmd_sanitize(args) -> int:
+    from .hf_pipeline import is_hf_model_path, sanitize_hf
     from .pipeline import sanitize
 
     params = _parse_params(args.param, args.params)
     bar = _Bar(not args.quiet)
+    common = dict(data_path=args.data, method=args.method, params=params, out_path=args.out,
+                  report_path=args.report, probe_path=args.probe, probe_target=args.probe_target,
+                  device=args.device, seed=args.seed, holdout_fraction=args.holdout, progress=bar,
+                  evidence=not args.no_evidence)
     try:
-        report = sanitize(model_path=args.model, spec=args.spec, data_path=args.data, method=args.method,
-                          params=params, out_path=args.out, report_path=args.report, probe_path=args.probe,
-                          probe_target=args.probe_target, device=args.device, seed=args.seed,
-                          holdout_fraction=args.holdout, progress=bar, evidence=not args.no_evidence)
+        if args.spec is None:
+            if not is_hf_model_path(args.model):
+                raise NBAError(INVALID_PARAMS, "--spec is required unless --model is a Hugging Face folder or zip "
+                               "(config.json + model.safetensors, as save_pretrained writes)")
+            report = sanitize_hf(model_path=args.model, input_size=tuple(args.input_size) if args.input_size
+                                 else None, mean=_floats(args.mean), std=_floats(args.std), **common)
+        else:
+            report = sanitize(model_path=args.model, spec=args.spec, **common)
     finally:
         bar.close()
     if args.json:
@@ -200,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--poison-rate", type=float, default=0.1)
     a.add_argument("--clean-fraction", type=float, default=0.05, help="share of the training set given to the defender")
     a.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset/arch)")
+    a.add_argument("--hf-config", help="a transformers config.json (e.g. bench/configs/hf_vit_tiny.json): train that "
+                   "Hugging Face architecture instead of --arch; the model is written to OUT/model/ as "
+                   "save_pretrained does")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -207,13 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_attack)
 
     s = sub.add_parser("sanitize", help="remove a backdoor from a model using a small clean data subset")
-    s.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict (loaded with weights_only)")
-    s.add_argument("--spec", required=True, help="model spec JSON (architecture, classes, input size, normalisation)")
+    s.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict (loaded with "
+                   "weights_only), or a Hugging Face folder/zip (config.json + model.safetensors)")
+    s.add_argument("--spec", help="model spec JSON (architecture, classes, input size, normalisation); not needed "
+                   "for a Hugging Face model")
+    s.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="HF models: input size when preprocessor_config.json does not give it")
+    s.add_argument("--mean", help="HF models: per-channel mean, e.g. 0.485,0.456,0.406 (default: preprocessor config)")
+    s.add_argument("--std", help="HF models: per-channel std (default: preprocessor config)")
     s.add_argument("--data", required=True, help="clean subset: .npz (x, y) or zip/tar of class folders")
     s.add_argument("--method", default="nba", help=METHOD_HELP)
     s.add_argument("--params", help='hyperparameter overrides as JSON, e.g. \'{"epochs": 10}\' (see `nba methods`)')
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="one override; repeatable")
-    s.add_argument("--out", required=True, help="where to write the cleaned .safetensors")
+    s.add_argument("--out", required=True, help="where to write the cleaned .safetensors (HF models: a folder)")
     s.add_argument("--report", help="where to write the JSON report")
     s.add_argument("--probe", help="optional: triggered images you suspect (npz with true labels) to measure ASR")
     s.add_argument("--probe-target", type=int, help="the class the suspected trigger maps to")
