@@ -129,10 +129,12 @@ class NBAClient:
         return resp.json()
 
     # ------------------------------------------------------------------ uploads
-    def upload_model(self, path: str | os.PathLike, spec: str | os.PathLike | dict | Any) -> dict:
-        """Upload a safetensors / zip-format .pt state_dict with its model spec (path, JSON text, dict)."""
+    def upload_model(self, path: str | os.PathLike, spec: str | os.PathLike | dict | Any = None) -> dict:
+        """Upload a safetensors / zip-format .pt state_dict with its model spec (path, JSON text, dict), or a zip
+        of a Hugging Face model folder with no spec."""
+        fields = {"spec": _spec_text(spec)} if spec is not None else {}
         return self.upload_stream("/v1/models", _file_chunks(path), os.path.getsize(path),
-                                  filename=Path(path).name, fields={"spec": _spec_text(spec)})
+                                  filename=Path(path).name, fields=fields)
 
     def upload_dataset(self, path: str | os.PathLike, kind: str = "clean") -> dict:
         """Upload a .npz or a zip/tar of class folders; kind="probe" for a triggered probe set."""

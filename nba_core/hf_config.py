@@ -28,6 +28,7 @@ HF_REMOTE_CODE = "hf_remote_code_refused"  # auto_map / trust_remote_code: the c
 HF_UNSUPPORTED_MODEL_TYPE = "hf_unsupported_model_type"
 HF_MODEL_TOO_LARGE = "hf_model_too_large"  # parameter count or activation size above the bounds
 HF_PREPROCESSOR_INVALID = "hf_preprocessor_invalid"
+DEFENSE_NOT_APPLICABLE = "defense_not_applicable"  # decided from the config, at job creation
 
 MAX_CONFIG_BYTES = 256 * 1024  # id2label for 1000 classes is ~30 KB
 MAX_PREPROCESSOR_BYTES = 64 * 1024
@@ -347,3 +348,27 @@ def _per_channel(value: Any, channels: int, key: str) -> tuple[float, ...]:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
         raise NBAError(HF_PREPROCESSOR_INVALID, f"{key} must be {channels} finite numbers, got {value!r}")
     return tuple(float(v) for v in value)
+
+
+def applicable_methods(info: HFConfigInfo | dict) -> dict[str, str | None]:
+    """method -> None when it applies to this model, else the reason it does not (decided from the config).
+
+    ANP learns masks over BatchNorm neurons; LayerNorm models (ViT, DeiT, Swin, ConvNeXt) have none, and masking
+    LayerNorm gains is a different method, not ANP. FP bakes pruned channels into the BatchNorm/conv/linear that
+    consumes the last stage; in ConvNeXt, ViT, DeiT and Swin that consumer is a LayerNorm, whose output mixes all
+    channels, so a pruned channel cannot be expressed in the same weights."""
+    norm = info.norm if isinstance(info, HFConfigInfo) else info.get("norm")
+    model_type = info.model_type if isinstance(info, HFConfigInfo) else info.get("model_type")
+    out: dict[str, str | None] = {m: None for m in ("ft", "fp", "nad", "anp", "ibau", "nba")}
+    if norm != "batchnorm":
+        out["anp"] = f"ANP masks BatchNorm neurons; a {model_type} model normalises with LayerNorm"
+    if model_type not in ("resnet", "regnet", "mobilenet_v2", "efficientnet"):
+        out["fp"] = (f"fine-pruning cannot write pruned channels back into a {model_type} model: its last stage "
+                     "feeds a LayerNorm")
+    return out
+
+
+def check_method_applies(method: str, info: HFConfigInfo | dict) -> None:
+    reason = applicable_methods(info).get(method)
+    if reason:
+        raise NBAError(DEFENSE_NOT_APPLICABLE, f"{method} does not apply to this model: {reason}")

@@ -19,10 +19,9 @@ import numpy as np
 
 from .data.imageset import ImageSet
 from .errors import DATA_SHAPE_MISMATCH, NBAError
-from .hf_config import HFConfigInfo
+from .hf_config import DEFENSE_NOT_APPLICABLE, applicable_methods, check_method_applies
 from .hf_io import check_hf_folder, check_hf_zip, is_hf_folder, pack_hf_zip, zip_has_hf_config
 
-DEFENSE_NOT_APPLICABLE = "defense_not_applicable"
 
 
 def is_hf_model_path(path: str | os.PathLike) -> bool:
@@ -33,30 +32,6 @@ def is_hf_model_path(path: str | os.PathLike) -> bool:
 def check_hf_path(path: str | os.PathLike, input_size=None):
     p = Path(path)
     return check_hf_folder(p, input_size=input_size) if p.is_dir() else check_hf_zip(p, input_size=input_size)
-
-
-def applicable_methods(info: HFConfigInfo | dict) -> dict[str, str | None]:
-    """method -> None when it applies to this model, else the reason it does not (decided from the config).
-
-    ANP learns masks over BatchNorm neurons; LayerNorm models (ViT, DeiT, Swin, ConvNeXt) have none, and masking
-    LayerNorm gains is a different method, not ANP. FP bakes pruned channels into the BatchNorm/conv/linear that
-    consumes the last stage; in ConvNeXt, ViT, DeiT and Swin that consumer is a LayerNorm, whose output mixes all
-    channels, so a pruned channel cannot be expressed in the same weights."""
-    norm = info.norm if isinstance(info, HFConfigInfo) else info.get("norm")
-    model_type = info.model_type if isinstance(info, HFConfigInfo) else info.get("model_type")
-    out: dict[str, str | None] = {m: None for m in ("ft", "fp", "nad", "anp", "ibau", "nba")}
-    if norm != "batchnorm":
-        out["anp"] = f"ANP masks BatchNorm neurons; a {model_type} model normalises with LayerNorm"
-    if model_type not in ("resnet", "regnet", "mobilenet_v2", "efficientnet"):
-        out["fp"] = (f"fine-pruning cannot write pruned channels back into a {model_type} model: its last stage "
-                     "feeds a LayerNorm")
-    return out
-
-
-def check_method_applies(method: str, info: HFConfigInfo | dict) -> None:
-    reason = applicable_methods(info).get(method)
-    if reason:
-        raise NBAError(DEFENSE_NOT_APPLICABLE, f"{method} does not apply to this model: {reason}")
 
 
 def fit_to_input(data: ImageSet, channels: int, size: tuple[int, int]) -> tuple[ImageSet, list[int] | None]:
@@ -129,7 +104,7 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
                                   holdout_fraction=holdout_fraction, progress=progress,
                                   should_cancel=should_cancel, evidence=evidence)
         progress("save", 0.99)
-        saved = save_hf_model(model, outcome.model, out_path, metadata={"nba_method": method, "nba_seed": str(seed)})
+        saved = save_hf_model(model, outcome.model, out_path)
     report = outcome.report
     report["model"] = model.describe()
     report["data"]["input_size"] = list(model.spec.input_size)

@@ -10,6 +10,7 @@ distillation cost without adding a different level of behaviour). `layers=` over
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import conform_state_dict, read_state_dict
 from ..errors import NBAError
 from ..hf_config import HF_MODEL_TOO_LARGE, HFConfigInfo, MAX_PARAMETERS, Preprocessing, check_hf_config, \
     parse_preprocessor, IMAGENET_STANDARD
@@ -75,6 +75,41 @@ def build_hf_model(info: HFConfigInfo, max_parameters: int = MAX_PARAMETERS) -> 
         raise NBAError(HF_MODEL_TOO_LARGE, f"the config builds {n} parameters; at most {max_parameters}",
                        http_status=413)
     return model_class(info.model_type)(hf_config_object(info)).eval()
+
+
+def load_hf_weights(folder: Path, info: HFConfigInfo, max_parameters: int = MAX_PARAMETERS) -> nn.Module:
+    """Build the model from the checked config and load `model.safetensors` with transformers' own loader (it maps
+    the key layouts save_pretrained writes, which differ from state_dict keys for some families), then insist on
+    an exact match: missing, unexpected or mis-shaped tensors are errors here, not warnings."""
+    from ..errors import (CHECKPOINT_MISSING_KEYS, CHECKPOINT_NONFINITE, CHECKPOINT_SHAPE_MISMATCH,
+                          CHECKPOINT_UNEXPECTED_KEYS)
+
+    n = count_parameters_meta(info)
+    if n > max_parameters:
+        raise NBAError(HF_MODEL_TOO_LARGE, f"the config builds {n} parameters; at most {max_parameters}",
+                       http_status=413)
+    cls = model_class(info.model_type)
+    try:
+        model, loading = cls.from_pretrained(folder, config=hf_config_object(info), local_files_only=True,
+                                             use_safetensors=True, output_loading_info=True, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        text = str(e)
+        code = CHECKPOINT_SHAPE_MISMATCH if "mismatch" in text.lower() else "checkpoint_unreadable"
+        raise NBAError(code, f"model.safetensors does not load into the model config.json describes: "
+                       f"{text[:400]}") from None
+    problems = [(CHECKPOINT_SHAPE_MISMATCH, "tensors with the wrong shape", loading.get("mismatched_keys")),
+                (CHECKPOINT_MISSING_KEYS, "keys missing from model.safetensors", loading.get("missing_keys")),
+                (CHECKPOINT_UNEXPECTED_KEYS, "keys in model.safetensors the config does not build",
+                 loading.get("unexpected_keys"))]
+    for code, what, keys in problems:
+        if keys:
+            keys = sorted(str(k) for k in keys)
+            raise NBAError(code, f"{len(keys)} {what}: {', '.join(keys[:5])}"
+                           f"{' ...' if len(keys) > 5 else ''} (does config.json belong to these weights?)")
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NBAError(CHECKPOINT_NONFINITE, f"{bad[0]}: contains NaN or infinite values")
+    return model.eval()
 
 
 @torch.no_grad()
@@ -158,10 +193,12 @@ def load_hf_model(path: str | os.PathLike, *, input_size: tuple[int, int] | None
     pre = _resolve_preprocessing(pre, info, input_size, mean, std)
     if pre.input_size is None:
         pre = Preprocessing(tuple(default_input_size or (224, 224)), pre.mean, pre.std, pre.source)
-    hf_model = build_hf_model(info)
-    state = conform_state_dict(read_state_dict(folder / WEIGHTS_NAME), hf_model)
-    hf_model.load_state_dict(state, strict=True)
-    stages = discover_stage_modules(hf_model, info.num_channels, pre.input_size)
+    hf_model = load_hf_weights(folder, info)
+    try:
+        stages = discover_stage_modules(hf_model, info.num_channels, pre.input_size)
+    except (RuntimeError, ValueError, IndexError) as e:  # a config transformers accepts but cannot run
+        raise NBAError("hf_config_invalid", f"the model built from config.json fails on a "
+                       f"{pre.input_size[0]}x{pre.input_size[1]} input: {str(e)[:300]}") from None
     chosen = tuple(layers) if layers else choose_behavior_layers(stages, info.kind)
     if not chosen:
         raise NBAError("hf_config_invalid", "the model exposes no hidden states to read behaviour from")
@@ -175,30 +212,42 @@ def load_hf_model(path: str | os.PathLike, *, input_size: tuple[int, int] | None
     return HFModel(module, info, spec, pre, folder)
 
 
-def save_hf_model(model: HFModel, cleaned: nn.Module, out_folder: str | os.PathLike,
-                  metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write the cleaned weights as the same HF layout (config.json + model.safetensors [+ preprocessor]) into
-    `out_folder`, atomically; returns {"path", "sha256"} of the weights file."""
-    from safetensors.torch import save
-
+def save_hf_model(model: HFModel, cleaned: nn.Module, out_folder: str | os.PathLike) -> dict[str, Any]:
+    """Write the cleaned weights in the same HF layout as the input (transformers' save_pretrained, the original
+    config.json and preprocessor_config.json byte for byte) into `out_folder`, atomically; the written tensor names
+    and shapes are checked against the input file. Returns {"path", "sha256"} of the weights file."""
     from ..checkpoint import sha256_file
 
     out = Path(out_folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        hf = cleaned.hf if isinstance(cleaned, HFImageClassifier) else cleaned
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf.state_dict().items()}
-        # The original file's key set is what from_pretrained expects: write exactly that (no tied duplicates).
-        (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt", **(metadata or {})}))
+        hf = copy.deepcopy(cleaned.hf if isinstance(cleaned, HFImageClassifier) else cleaned).to("cpu")
+        hf.save_pretrained(tmp, safe_serialization=True)
+        for extra in set(os.listdir(tmp)) - {WEIGHTS_NAME, CONFIG_NAME}:
+            _remove(tmp / extra)
         shutil.copyfile(model.source_folder / CONFIG_NAME, tmp / CONFIG_NAME)
         if (model.source_folder / PREPROCESSOR_NAME).is_file():
             shutil.copyfile(model.source_folder / PREPROCESSOR_NAME, tmp / PREPROCESSOR_NAME)
+        if _tensor_shapes(tmp / WEIGHTS_NAME) != _tensor_shapes(model.source_folder / WEIGHTS_NAME):
+            raise RuntimeError("the cleaned model.safetensors does not have the input's tensor names and shapes")
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"path": str(out), "sha256": sha256_file(out / WEIGHTS_NAME)}
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from ..safetensors_header import check_safetensors_header
+
+    with open(path, "rb") as f:
+        header = check_safetensors_header(f, path.stat().st_size)
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def new_hf_model(config: dict, *, seed: int = 0) -> nn.Module:
