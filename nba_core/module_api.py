@@ -132,6 +132,11 @@ def sanitize_module(module: nn.Module, data: Any, *, method: str = "nba", num_cl
 
     if not isinstance(module, nn.Module):
         raise NBAError(INVALID_PARAMS, "module must be a torch.nn.Module")
+    if method == "anp" and not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in module.modules()):
+        from .hf_config import DEFENSE_NOT_APPLICABLE
+
+        raise NBAError(DEFENSE_NOT_APPLICABLE, "anp does not apply: ANP masks BatchNorm neurons and this module has "
+                       "no BatchNorm layer")
     clean = _as_imageset(data, num_classes)
     channels = clean.shape[0]
     mean = tuple(float(v) for v in (mean if mean is not None else (0.0,) * channels))
@@ -151,11 +156,6 @@ def sanitize_module(module: nn.Module, data: Any, *, method: str = "nba", num_cl
     if unknown:
         raise NBAError(INVALID_PARAMS, f"layers not in the module: {unknown}")
     wrapped = ModuleClassifier(module, mean, std, chosen)
-    if method == "anp" and not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in module.modules()):
-        from .hf_pipeline import DEFENSE_NOT_APPLICABLE
-
-        raise NBAError(DEFENSE_NOT_APPLICABLE, "anp does not apply: ANP masks BatchNorm neurons and this module has "
-                       "no BatchNorm layer")
     outcome = sanitize_loaded(wrapped, clean, spec=spec, method=method, params=params, probe=probe_set,
                               probe_target=probe_target, device=device, seed=seed,
                               holdout_fraction=holdout_fraction, progress=progress, should_cancel=should_cancel,

@@ -308,3 +308,67 @@ def test_bench_configs_are_accepted():
     for name in ("hf_resnet_tiny", "hf_vit_tiny", "hf_resnet18"):
         info = check_hf_config((bench / f"{name}.json").read_bytes(), input_size=(64, 64))
         assert info.model_type in ("resnet", "vit")
+
+
+# ---- foreign layouts and plain modules ---------------------------------------------------------------------
+
+def _torchvision_resnet18_keys() -> dict[str, torch.Tensor]:
+    keys = ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "fc.weight", "fc.bias"]
+    keys += [f"layer{i}.{j}.{n}.weight" for i in range(1, 5) for j in range(2) for n in ("conv1", "conv2", "bn1")]
+    return {k: torch.zeros(2) for k in keys}
+
+
+def test_foreign_layouts_are_named_in_the_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from nba_core.checkpoint import load_model
+    from nba_core.foreign import describe_foreign_layout
+
+    path = tmp_path / "tv.safetensors"
+    save_file(_torchvision_resnet18_keys(), str(path))
+    spec = {"arch": "preact_resnet18", "num_classes": 10, "in_channels": 3, "input_size": [32, 32],
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(NBAError) as e:
+        load_model(path, spec)
+    assert e.value.code == "checkpoint_missing_keys"
+    assert "torchvision ResNet" in e.value.message and "sanitize_module" in e.value.message
+    assert "timm" in describe_foreign_layout(["stem.0.weight", "stages.0.blocks.0.conv.weight", "head.fc.weight"])
+    assert "Hugging Face" in describe_foreign_layout(["resnet.embedder.embedder.convolution.weight"])
+    assert describe_foreign_layout(["net.block1.0.weight"]) is None
+
+
+def test_a_whole_module_pickle_is_refused_with_what_to_do(tmp_path):
+    from nba_core.checkpoint import read_state_dict
+
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(NBAError) as e:
+        read_state_dict(path)
+    assert e.value.code == "checkpoint_unsafe" and "state_dict" in e.value.message
+    assert "sanitize_module" in e.value.message
+
+
+def test_sanitize_module_cleans_a_plain_module_with_automatic_layers():
+    import nba_core
+    from nba_core.errors import Cancelled
+    from tests.core.digits_backdoor import backdoored_digits
+
+    model, clean, _, triggered = backdoored_digits(rate=0.1)
+    plain = model.net  # the bare network: takes normalised input, no behavior_layers attribute of ours
+    seen = []
+    cleaned, report = nba_core.sanitize_module(plain, (clean.x, clean.y), method="nad", num_classes=10,
+                                               input_size=(8, 8), mean=(0.3,), std=(0.4,),
+                                               params={"teacher_epochs": 2, "epochs": 2}, evidence=False,
+                                               probe=(triggered.x, triggered.y), probe_target=0,
+                                               progress=lambda s, f: seen.append(f))
+    assert report["model"]["layers_chosen"] == "automatic" and len(report["model"]["behavior_layers"]) >= 2
+    assert report["defense_info"]["layers"] == [f"net.{n}" for n in report["model"]["behavior_layers"]]
+    assert cleaned is not plain and type(cleaned) is type(plain)
+    assert seen == sorted(seen) and "attack_success_rate" in report["metrics"]["after"]
+    with pytest.raises(Cancelled):
+        nba_core.sanitize_module(plain, (clean.x, clean.y), method="ft", num_classes=10, input_size=(8, 8),
+                                 should_cancel=lambda: True, evidence=False)
+    with pytest.raises(NBAError) as e:
+        nba_core.sanitize_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+                                 (clean.x, clean.y), method="anp", num_classes=10, input_size=(8, 8))
+    assert e.value.code == "defense_not_applicable"
