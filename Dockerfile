@@ -13,7 +13,8 @@ COPY nba_core ./nba_core
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install '.[api]'
+COPY service ./service
+RUN pip install '.[api]' ./service
 USER nba
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz')" || exit 1
@@ -29,7 +30,8 @@ COPY nba_core ./nba_core
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install '.[worker]'
+COPY service ./service
+RUN pip install '.[worker]' ./service
 USER nba
 # One job at a time per worker process: run one worker per GPU (CUDA_VISIBLE_DEVICES) or per CPU worker.
 CMD ["celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO", "--concurrency=1", "--prefetch-multiplier=1"]

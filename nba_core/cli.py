@@ -1,5 +1,6 @@
-"""`nba` command line: make a backdoored model, sanitize it, evaluate it (and, with the service extras, run and
-talk to the service).
+"""`nba` command line: make a backdoored model, sanitize it, evaluate it, list the defenses. Other installed
+distributions add command groups through the `nba.commands` entry-point group (the service adds serve, keys,
+submit, status, download, demo, ...); this module imports nothing from them.
 
 Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is printed), 4 cancelled, 1 unexpected.
 """
@@ -7,61 +8,18 @@ Exit codes: 0 success, 2 usage error, 3 bad input (an NBAError: its code is prin
 from __future__ import annotations
 
 import argparse
-import importlib
+from importlib.metadata import entry_points
 import json
 import sys
 from pathlib import Path
 
 from .errors import Cancelled, INVALID_PARAMS, NBAError
+from .params import parse_params
+from .progress import ProgressBar
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3, 4
 
 METHOD_HELP = "ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, nba"
-
-
-def _parse_params(items: list[str] | None, params_json: str | None) -> dict:
-    """--params '{"epochs": 5}' and/or --param epochs=5 (values parsed as JSON when they parse, else strings)."""
-    params: dict = {}
-    if params_json:
-        try:
-            loaded = json.loads(params_json)
-        except json.JSONDecodeError as e:
-            raise NBAError(INVALID_PARAMS, f"--params is not valid JSON: {e}") from e
-        if not isinstance(loaded, dict):
-            raise NBAError(INVALID_PARAMS, "--params must be a JSON object")
-        params.update(loaded)
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise NBAError(INVALID_PARAMS, f"--param wants KEY=VALUE, got {item!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
-
-
-class _Bar:
-    """A tqdm progress bar on stderr driven by (stage, overall fraction) callbacks."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc:<22} {percentage:3.0f}%|{bar}| {elapsed}")
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if self.bar is None:
-            return
-        self.bar.set_description_str(stage[:22])
-        self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def cmd_attack(args) -> int:
@@ -73,7 +31,7 @@ def cmd_attack(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = _read_hf_config(args.hf_config) if args.hf_config else None
-    bar = _Bar(not args.quiet)
+    bar = ProgressBar(not args.quiet)
     try:
         run = backdoor_experiment(args.dataset, args.attack, args.arch, args.seed, poison_rate=args.poison_rate,
                                   clean_fraction=args.clean_fraction, target=args.target, epochs=args.epochs,
@@ -130,8 +88,8 @@ def cmd_sanitize(args) -> int:
     from .hf_pipeline import is_hf_model_path, sanitize_hf
     from .pipeline import sanitize
 
-    params = _parse_params(args.param, args.params)
-    bar = _Bar(not args.quiet)
+    params = parse_params(args.param, args.params)
+    bar = ProgressBar(not args.quiet)
     common = dict(data_path=args.data, method=args.method, params=params, out_path=args.out,
                   report_path=args.report, probe_path=args.probe, probe_target=args.probe_target,
                   device=args.device, seed=args.seed, holdout_fraction=args.holdout, progress=bar,
@@ -212,7 +170,26 @@ def cmd_methods(args) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMAND_GROUP = "nba.commands"
+
+
+def command_groups(extra=()) -> list:
+    """`register(subparsers)` callables adding commands to `nba`: `extra` first, then those other installed
+    distributions advertise in the `nba.commands` entry-point group (the service registers serve, keys, submit,
+    ...). The library never imports the layers above it; they announce themselves."""
+    groups = list(extra)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except Exception as e:  # a broken add-on must not take the library's own commands down with it
+            print(f"nba: commands from {ep.value} are unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        if register not in groups:
+            groups.append(register)
+    return groups
+
+
+def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nba",
         description="Remove backdoors from neural networks with NBA (neural behavioral alignment, as reconstructed "
@@ -284,16 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("method", nargs="?")
     m.set_defaults(func=cmd_methods)
 
-    try:  # service commands (serve, keys, submit, status, download, worker, ...) when the service code is present
-        importlib.import_module("app.cli").register(sub)
-    except ModuleNotFoundError as e:
-        if e.name not in ("app", "app.cli"):
-            raise
+    for register in command_groups(extra_groups):
+        register(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extra_groups=()) -> int:
+    parser = build_parser(extra_groups)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

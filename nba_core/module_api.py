@@ -1,6 +1,6 @@
 """Bring your own `nn.Module`: clean a model that is already in memory, from Python.
 
-    from nba_core import sanitize_module
+    from nba_core.module_api import sanitize_module
     cleaned, report = sanitize_module(my_model, (x, y), method="nba", input_size=(32, 32),
                                       mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), num_classes=10)
 

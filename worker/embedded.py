@@ -30,12 +30,22 @@ def child_env(settings) -> dict[str, str]:
     return env
 
 
+def worker_argv(*, pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO",
+                hostname: str | None = None) -> list[str]:
+    """The `celery worker` command line (run it with `python -m celery`)."""
+    from .celery_app import QUEUE
+
+    argv = ["-A", "worker.celery_app", "worker", f"--pool={pool}", f"--concurrency={concurrency}", "-Q", QUEUE,
+            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["-n", hostname]
+    return argv
+
+
 def start_worker(settings, *, pool: str = "solo", loglevel: str = "INFO", hostname: str | None = None,
                  log_file=None) -> subprocess.Popen:
     """Start `python -m celery -A worker.celery_app worker` in its own process group (Ctrl-C in the terminal
     reaches only the serve process, which then shuts the worker down in order)."""
-    from app.cli import worker_argv
-
     cmd = [sys.executable, "-m", "celery", *worker_argv(pool=pool, loglevel=loglevel, hostname=hostname)]
     return subprocess.Popen(cmd, env=child_env(settings), start_new_session=True,
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None)

@@ -67,7 +67,7 @@ def fetch_inputs(session_factory: SessionFactory, store: ArtifactStore, claim: C
 
 def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path, job_id: str, hf_zip: bool = False
                   ) -> tuple[NewArtifact, NewArtifact, NewArtifact | None]:
-    from .report_html import render_report_html
+    from nba_core.report_html import render_report_html
 
     model_obj = store.put_file(out_path)
     expected = (report.get("output") or {}).get("sha256")

@@ -22,7 +22,6 @@ from nba_core.errors import INVALID_PARAMS, UNKNOWN_METHOD, NBAError
 from .deps import ServiceState, current_owner, get_state
 from .errors import VALIDATION_ERROR, not_found
 from .ranges import parse_range
-from .report_view import render_simple_html
 from .schemas import ErrorResponse, JobCreate, JobList, JobOut
 
 log = logging.getLogger("nba.api")
@@ -254,6 +253,8 @@ def get_report(job_id: str, request: Request, state: ServiceState = Depends(get_
             return StreamingResponse(state.store.iter_range(html_artifact.storage_key), media_type="text/html")
         with state.store.open_read(report.storage_key) as f:
             data = json.loads(f.read())
-        return HTMLResponse(render_simple_html(data, job_id=job.id))
+        from nba_core.report_html import render_report_html
+
+        return HTMLResponse(render_report_html(data, job_id=job.id, plots=False))  # no matplotlib on the API path
     return StreamingResponse(state.store.iter_range(report.storage_key), media_type="application/json",
                              headers={"Content-Length": str(report.size_bytes), "ETag": f'"{report.sha256}"'})

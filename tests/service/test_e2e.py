@@ -82,7 +82,7 @@ def test_cli_submit_status_download(api_server, api_key, celery_worker, digits_f
     env.update({"NBA_URL": api_server.url, "NBA_API_KEY": api_key})
 
     def nba(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nba_core.cli", *args], env=env, text=True,
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, text=True,
                               capture_output=True, timeout=180)
 
     out = tmp_path / "cleaned.safetensors"

@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def _nba(*args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nba_core.cli", *args], cwd=REPO_ROOT, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO_ROOT, env=env, text=True,
                           capture_output=True, timeout=120, **kw)
 
 
@@ -41,7 +41,7 @@ def embedded(tmp_path):
     port = _free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "nba_core.cli", "serve", "--port", str(port), "--data-dir",
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
                                  str(data_dir)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"

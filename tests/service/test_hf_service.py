@@ -16,7 +16,7 @@ from tests.hf_fixtures import TINY_RESNET, TINY_VIT, backdoored_hf_digits
 from tests.service.conftest import safetensors_bytes
 from tests.service.test_embedded import _nba, embedded  # noqa: F401  (the embedded-server fixture)
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (declared in the worker and hf extras; the Makefile installs it)
 pytestmark = pytest.mark.service
 
 FT = {"epochs": 15}  # strong fine-tuning removes this tiny BadNets backdoor in seconds (see tests/core/test_hf.py)

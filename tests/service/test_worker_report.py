@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from worker.report_html import loss_curves, metric_rows, render_report_html
+from nba_core.report_html import loss_curves, metric_rows, render_report_html
 from worker.runner import json_safe
 
 REPORT = {

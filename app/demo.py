@@ -54,11 +54,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> Non
 
 def make_backdoored_model(workdir: Path, quiet: bool) -> dict:
     from nba_core.checkpoint import save_model
-    from nba_core.cli import _Bar
+    from nba_core.progress import ProgressBar
     from nba_core.data.formats import save_npz
     from nba_core.experiment import backdoor_experiment
 
-    bar = _Bar(not quiet)
+    bar = ProgressBar(not quiet)
     try:
         run = backdoor_experiment("mnist5k", "badnets", "small_cnn", seed=0, progress=bar)
     finally:
@@ -99,13 +99,12 @@ def run_demo(*, data_dir: str | None = None, workdir: str | None = None, method:
              params_json: str | None = None, port: int = 0, quiet: bool = False) -> int:
     import torch
 
-    from app.client import NBAClient
-    from nba_core.cli import _parse_params
-
-    from app.cli import JobBar
+    from nba_core.client import NBAClient
+    from nba_core.params import parse_params
+    from nba_core.progress import JobProgressBar
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    params = _parse_params(None, params_json)
+    params = parse_params(None, params_json)
     work = Path(workdir or tempfile.mkdtemp(prefix="nba-demo-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
     service_dir = Path(data_dir).absolute() if data_dir else work / "service"
@@ -123,12 +122,12 @@ def run_demo(*, data_dir: str | None = None, workdir: str | None = None, method:
     env = embedded_env(service_dir)
     print(f"[2/5] starting the embedded service at {url} (data dir {service_dir}; log {work / 'service.log'})")
     with open(work / "service.log", "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "nba_core.cli", "serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
                                  "--data-dir", str(service_dir)], env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_healthy(url, proc)
-            key = subprocess.run([sys.executable, "-m", "nba_core.cli", "keys", "create", "demo", "--data-dir",
+            key = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "demo", "--data-dir",
                                   str(service_dir)], env=env, check=True, capture_output=True, text=True
                                  ).stdout.strip().splitlines()[-1]
             client = NBAClient(url, key)
@@ -140,7 +139,7 @@ def run_demo(*, data_dir: str | None = None, workdir: str | None = None, method:
             job = client.create_job(model_id=model["id"], dataset_id=data["id"], method=method, params=params,
                                     probe_id=probe["id"], probe_target=target)
             print(f"[4/5] job {job['id']} ({method}) submitted; following it")
-            bar = JobBar(not quiet)
+            bar = JobProgressBar(not quiet)
             try:
                 job = client.wait(job["id"], on_progress=bar)
             finally:

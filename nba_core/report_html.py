@@ -1,8 +1,7 @@
-"""A self-contained HTML report for a finished job: metric tables plus PNG plots (matplotlib Agg, inlined).
-
-Plots: before/after bars for clean accuracy, attack success rate and trigger-free suspect success rate, and the
-training-loss curves from report["log"]. Images are embedded as data: URIs so the single file can be downloaded
-and opened anywhere.
+"""The one HTML rendering of a sanitization report (worker, API and CLI all use it): a self-contained page with
+the metric table, the class names, timing and, when matplotlib is installed and `plots` is on, PNG plots inlined as
+data: URIs (before/after bars; training-loss curves from report["log"]), so the single file opens anywhere,
+offline. No script and no external URL: it is safe to open from a download.
 """
 
 from __future__ import annotations
@@ -94,13 +93,29 @@ def render_plots(report: dict) -> list[tuple[str, str]]:
     return plots
 
 
-def render_report_html(report: dict, *, job_id: str | None = None) -> str:
+def _plots_or_none(report: dict) -> list[tuple[str, str]]:
+    try:
+        import matplotlib  # noqa: F401  (the worker extra installs it; the API image does not)
+    except ModuleNotFoundError:
+        return []
+    return render_plots(report)
+
+
+def _class_table(report: dict) -> str:
+    names = _dig(report, ("data", "class_names")) or _dig(report, ("spec", "class_names"))
+    if not isinstance(names, list) or not names:
+        return ""
+    cells = "".join(f"<tr><td>{i}</td><td>{html.escape(str(n))}</td></tr>" for i, n in enumerate(names))
+    return f"<h2>Classes (label index → name)</h2><table><tr><th>label</th><th>name</th></tr>{cells}</table>"
+
+
+def render_report_html(report: dict, *, job_id: str | None = None, plots: bool = True) -> str:
     esc = html.escape
     title = f"NBA sanitization report{f' — job {job_id}' if job_id else ''}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:760px;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-             "td:first-child{text-align:left}</style></head><body>",
+             "td:first-child{text-align:left}.warn{color:#a60}</style></head><body>",
              f"<h1>{esc(title)}</h1>",
              f"<p>method <b>{esc(str(report.get('method')))}</b>, seed {esc(str(report.get('seed')))}, "
              f"device {esc(str(report.get('device')))}</p>"]
@@ -114,7 +129,12 @@ def render_report_html(report: dict, *, job_id: str | None = None) -> str:
     timing = report.get("timing") or {}
     if isinstance(timing.get("total_seconds"), (int, float)):
         parts.append(f"<p>total time {timing['total_seconds']:.1f} s</p>")
-    for name, png in render_plots(report):
+    classes = _class_table(report)
+    if classes:
+        parts.append(classes)
+    for warning in report.get("warnings") or []:
+        parts.append(f"<p class='warn'>⚠ {esc(str(warning))}</p>")
+    for name, png in (_plots_or_none(report) if plots else []):
         parts.append(f"<h2>{esc(name)}</h2><img alt='{esc(name)}' src='data:image/png;base64,{png}'>")
     sha = _dig(report, ("output", "sha256"))
     if sha:
