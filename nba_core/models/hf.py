@@ -58,7 +58,11 @@ def hf_config_object(info: HFConfigInfo):
 
     raw = {k: v for k, v in info.config.items() if k not in ("transformers_version", "architectures")}
     raw.pop("model_type", None)
-    return CONFIG_MAPPING[info.model_type](**raw)
+    config = CONFIG_MAPPING[info.model_type](**raw)
+    # Plain (eager) attention: the fused SDPA kernels have no double backward, which I-BAU's hypergradient and
+    # NBA's trigger search through the student need; the cost is speed, only for transformers.
+    config._attn_implementation = "eager"
+    return config
 
 
 def count_parameters_meta(info: HFConfigInfo) -> int:
@@ -91,7 +95,8 @@ def load_hf_weights(folder: Path, info: HFConfigInfo, max_parameters: int = MAX_
     cls = model_class(info.model_type)
     try:
         model, loading = cls.from_pretrained(folder, config=hf_config_object(info), local_files_only=True,
-                                             use_safetensors=True, output_loading_info=True, dtype=torch.float32)
+                                             use_safetensors=True, output_loading_info=True, dtype=torch.float32,
+                                             attn_implementation="eager")
     except (OSError, ValueError, RuntimeError) as e:
         text = str(e)
         code = CHECKPOINT_SHAPE_MISMATCH if "mismatch" in text.lower() else "checkpoint_unreadable"

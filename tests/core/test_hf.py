@@ -372,3 +372,29 @@ def test_sanitize_module_cleans_a_plain_module_with_automatic_layers():
         nba_core.sanitize_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
                                  (clean.x, clean.y), method="anp", num_classes=10, input_size=(8, 8))
     assert e.value.code == "defense_not_applicable"
+
+
+FAST = {"ft": {"epochs": 1}, "fp": {"epochs": 1, "prune_step": 0.25}, "nad": {"teacher_epochs": 1, "epochs": 1},
+        "anp": {"iterations": 3}, "ibau": {"rounds": 1, "k_steps": 1, "inner_steps": 2},
+        "nba": {"teacher_epochs": 1, "student_epochs": 1, "scan_steps": 2, "refresh_every": 0}}
+
+
+@pytest.mark.parametrize("config", [TINY_RESNET, TINY_VIT], ids=["resnet", "vit"])
+def test_every_applicable_defense_runs_on_an_hf_cnn_and_transformer(config, tmp_path):
+    """Each defense the applicability table allows runs to the end on the wrapped model (tiny settings)."""
+    from nba_core.data.builtin import train_test
+    from nba_core.data.imageset import stratified_split
+    from nba_core.models.hf import build_hf_model, load_hf_model
+    from nba_core.pipeline import sanitize_loaded
+
+    torch.manual_seed(0)
+    build_hf_model(check_hf_config(config)).save_pretrained(tmp_path / "m")
+    loaded = load_hf_model(tmp_path / "m", default_input_size=(8, 8))
+    train, _ = train_test("digits")
+    _, idx = stratified_split(train.y, 0.08, 0)
+    allowed = [m for m, why in applicable_methods(loaded.info).items() if why is None]
+    assert allowed == (list(FAST) if config is TINY_RESNET else ["ft", "nad", "ibau", "nba"])
+    for method in allowed:
+        outcome = sanitize_loaded(loaded.module, train.subset(idx), spec=loaded.spec, method=method,
+                                  params=FAST[method], evidence=False, device="cpu")
+        assert outcome.report["metrics"]["after"]["clean_accuracy"] is not None, method
