@@ -137,9 +137,24 @@ def cmd_evaluate(args) -> int:
     from .pipeline import resolve_spec
 
     seed_everything(0)
-    spec = resolve_spec(args.spec)
+    if args.spec is None:  # a Hugging Face folder/zip describes itself; test images are resized to its input
+        from .hf_pipeline import fit_to_input, is_hf_model_path
+        from .models.hf import load_hf_model
+
+        if not is_hf_model_path(args.model):
+            raise NBAError(INVALID_PARAMS, "--spec is required unless --model is a Hugging Face folder or zip")
+        loaded = load_hf_model(args.model)
+        spec, net = loaded.spec, loaded.module
+
+        def load_dataset_file(path, *, num_classes, expect_shape):  # noqa: F811 - the HF variant resizes
+            from .data.formats import load_dataset_file as load
+
+            return fit_to_input(load(path, num_classes=num_classes), spec.in_channels, spec.input_size)[0]
+    else:
+        spec = resolve_spec(args.spec)
+        net = load_model(args.model, spec)
     shape = (spec.in_channels, *spec.input_size)
-    model = prepare_model(load_model(args.model, spec), pick_device(args.device))
+    model = prepare_model(net, pick_device(args.device))
     result: dict = {}
     if args.clean:
         clean = load_dataset_file(args.clean, num_classes=spec.num_classes, expect_shape=shape)
@@ -248,8 +263,8 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sanitize)
 
     e = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a model on labelled test sets")
-    e.add_argument("--model", required=True)
-    e.add_argument("--spec", required=True)
+    e.add_argument("--model", required=True, help="model file, or a Hugging Face folder/zip")
+    e.add_argument("--spec", help="model spec JSON (not needed for a Hugging Face folder/zip)")
     e.add_argument("--clean", help="clean test set (.npz or archive)")
     e.add_argument("--triggered", help="triggered non-target test images labelled with their true classes")
     e.add_argument("--target", type=int, help="the attack's target class")

@@ -228,6 +228,12 @@ def test_cli_sanitizes_an_hf_zip_without_spec_and_removes_the_backdoor(hf_resnet
     src = AutoModelForImageClassification.from_pretrained(hf_resnet["folder"]).state_dict()
     got = AutoModelForImageClassification.from_pretrained(out).state_dict()
     assert list(src) == list(got) and all(src[k].shape == got[k].shape for k in src)
+    # `nba evaluate` reads the cleaned folder without a spec and agrees with the report
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--triggered", str(hf_resnet["probe"]), "--target", "0",
+                 "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["attack_success_rate"] == pytest.approx(after["attack_success_rate"], abs=1e-6)
     # what the CLI wrote is what we measured
     reloaded = load_hf_model(out)
     probe = np.load(hf_resnet["probe"])
