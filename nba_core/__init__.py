@@ -5,4 +5,3 @@ data-format checks) are used by the API process, which must stay light.
 """
 
 __version__ = "0.1.0"
-
