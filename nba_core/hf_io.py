@@ -27,6 +27,7 @@ HF_ARCHIVE_INVALID = "hf_archive_invalid"
 
 MAX_ZIP_MEMBERS = 256
 MAX_WEIGHTS_BYTES = 8 * 1024**3
+MAX_WEIGHTS_RATIO = 100  # uncompressed / compressed size of model.safetensors in a zip
 _SIZE_LIMITS = {CONFIG_NAME: MAX_CONFIG_BYTES, PREPROCESSOR_NAME: MAX_PREPROCESSOR_BYTES, WEIGHTS_NAME: MAX_WEIGHTS_BYTES}
 # Files save_pretrained writes for other weight formats: named so the error can say what to do instead.
 _OTHER_WEIGHTS = {"pytorch_model.bin": "a pickled PyTorch file", "model.safetensors.index.json": "sharded weights",
@@ -143,6 +144,11 @@ def check_hf_zip(path: str | os.PathLike, *, input_size: tuple[int, int] | None 
             if limit is not None and info.file_size > limit:
                 raise NBAError(HF_CONFIG_INVALID if base != WEIGHTS_NAME else HF_ARCHIVE_INVALID,
                                f"{base} is larger than {limit} bytes ({info.file_size})", http_status=413)
+        weights = members.get(WEIGHTS_NAME)
+        if weights is not None and weights.file_size > MAX_WEIGHTS_RATIO * weights.compress_size + (1 << 20):
+            # trained float weights barely compress; a huge ratio is a zip bomb aimed at the worker's disk
+            raise NBAError(HF_ARCHIVE_INVALID, f"{WEIGHTS_NAME} would expand {weights.file_size // max(1, weights.compress_size)}"
+                           "x; refused", http_status=413)
         with zf.open(members[CONFIG_NAME]) as f:
             config_raw = _read_bounded(f, MAX_CONFIG_BYTES, CONFIG_NAME)
         pre_raw = None

@@ -97,6 +97,16 @@ def test_a_100_mb_config_in_a_zip_is_refused_from_the_zip_directory(tmp_path):
     assert e.value.code == "hf_config_invalid" and e.value.http_status == 413
 
 
+def test_a_weights_zip_bomb_is_refused_before_extraction(tmp_path):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", json.dumps(TINY_RESNET))
+        zf.writestr("model.safetensors", b"\0" * (64 * 1024 * 1024))
+    with pytest.raises(NBAError) as e:
+        check_hf_zip(path)
+    assert e.value.code == "hf_archive_invalid" and "expand" in e.value.message
+
+
 @pytest.mark.parametrize("model_type", sorted(ALLOWED_MODEL_TYPES))
 def test_size_estimate_matches_the_built_model(model_type):
     from nba_core.models.hf import count_parameters_meta
