@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             result["report_timing"] = report["timing"]
             result["report_data"] = report["data"]
             result["metrics"] = report["metrics"]
+        except BaseException:
+            print((tmp / "serve.log").read_text(errors="replace")[-8000:], file=sys.stderr)  # the worker's traceback
+            raise
         finally:
             sample()
             processes = [{"pid": pid, "cmd": _cmdline(pid), "peak_rss_mb": round(kb / 1024, 1)}
