@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NBA_")}
         env.update({"NBA_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
         log = open(tmp / "serve.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "nba_core.cli", "serve", "--port", str(port), "--data-dir",
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
                                  str(data_dir)], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         url = f"http://127.0.0.1:{port}"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError((tmp / "serve.log").read_text()[-3000:])
                 time.sleep(0.3)
-            key = subprocess.run([sys.executable, "-m", "nba_core.cli", "keys", "create", "bench", "--data-dir",
+            key = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "bench", "--data-dir",
                                   str(data_dir)], env=env, capture_output=True, text=True, check=True).stdout.strip()
             with NBAClient(url, key) as client:
                 t1 = time.perf_counter()
@@ -175,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             sample()
             processes = [{"pid": pid, "cmd": _cmdline(pid), "peak_rss_mb": round(kb / 1024, 1)}
                          for pid, kb in sorted(peaks.items())]
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
             log.close()
         result["processes"] = processes
     prov = provenance() | ({"note": args.note} if args.note else {})
