@@ -9,8 +9,10 @@ from typing import Callable
 from fastapi import FastAPI
 
 from app.api import routes_artifacts, routes_health, routes_jobs
+from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import ServiceState
 from app.api.errors import install_error_handlers
+from app.api.quotas import Quotas
 from app.core.db import session_factory
 from app.core.settings import Settings
 from app.core.storage import store_from_settings
@@ -57,12 +59,32 @@ def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], Non
     settings = settings or Settings()
     settings.ensure_dirs()
     app = FastAPI(title="NBA sanitization service", version="1", description=DESCRIPTION,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                  lifespan=_lifespan(settings))
     app.state.nba = ServiceState(settings=settings, sessions=session_factory(settings),
                                  store=store_from_settings(settings),
-                                 enqueue=enqueue or celery_enqueuer(settings))
+                                 enqueue=enqueue or celery_enqueuer(settings), quotas=Quotas(settings))
     install_error_handlers(app)
+    # Outermost: body size and body stall limits act before routing, JSON parsing and authentication.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes,
+                       read_timeout=settings.body_read_timeout)
     app.include_router(routes_health.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_jobs.router)
+    if settings.bench_endpoints:
+        app.include_router(routes_health.bench_router)
     return app
+
+
+def _lifespan(settings: Settings):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        # The threadpool is this process's concurrency for blocking work; the DB pool has as many connections.
+        from anyio import to_thread
+
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
+    return lifespan

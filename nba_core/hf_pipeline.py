@@ -68,7 +68,7 @@ def _load_data(path: str, num_classes: int, channels: int, size: tuple[int, int]
 
 def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | None, out_path: str,
                 report_path: str | None = None, probe_path: str | None = None, probe_target: int | None = None,
-                device: str = "auto", seed: int = 0, holdout_fraction: float = 0.2,
+                device: str = "auto", seed: int = 0, holdout_fraction: float = 0.0,
                 progress: Callable[[str, float], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
                 input_size: tuple[int, int] | None = None, mean=None, std=None, layers=None,

@@ -118,7 +118,7 @@ def sanitize_module(module: nn.Module, data: Any, *, method: str = "nba", num_cl
                     input_size: tuple[int, int], mean=None, std=None, params: dict | None = None,
                     layers: list[str] | tuple[str, ...] | None = None, probe: Any = None,
                     probe_target: int | None = None, device: str = "auto", seed: int = 0,
-                    holdout_fraction: float = 0.2, progress: Callable[[str, float], None] | None = None,
+                    holdout_fraction: float = 0.0, progress: Callable[[str, float], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None, evidence: bool = True
                     ) -> tuple[nn.Module, dict]:
     """Clean `module` with `method` on the clean subset `data`; return (cleaned copy of `module`, report).

@@ -75,6 +75,8 @@ class NBAConfig:
     # 1.90 → 1.27 points and ASR 1.20 → 1.07 %; 0.3 and 2 were in between (docs/benchmarks/nba_defaults_validation.md).
     suspect_kd: float = 1.0
     kd_temperature: float = 2.0
+    # Prediction behaviour in the paper's form: KL(T(x) ‖ S(x)) at kd_temperature on clean inputs (the paper preset).
+    teacher_kd: float = 0.0
     # Student.
     student_epochs: int = 20
     student_lr: float = 0.01
@@ -230,9 +232,19 @@ class _DisagreementPseudo(_Pseudo):
         return (xb + delta.detach()).clamp(0, 1)
 
 
+# NBA in the paper's own form (NBA.md §1, secondary summary of the full text): a learning distillation loss over
+# response behaviour (Gram matrices of the stage outputs), learning behaviour (the FSP-style flow between adjacent
+# stages) and prediction behaviour (softmax at a temperature, teacher → student), plus an unlearning distillation
+# loss aligning the student's behaviour on crafted pseudo samples with the teacher's (same representations, and the
+# teacher's softmax). No true-label CE on x̃ and no suspect-model anchor: those are this project's additions.
+PAPER_PRESET = {"representations": "gram,flow", "beta": 1.0, "teacher_kd": 1.0, "kd_temperature": 2.0,
+                "gamma": 1.0, "kl_weight": 1.0, "pseudo_ce": 0.0, "suspect_kd": 0.0}
+
+
 class NBA(Defense):
     name: ClassVar[str] = "nba"
     Config: ClassVar[type] = NBAConfig
+    presets: ClassVar[dict] = {"paper": PAPER_PRESET}
     stages: ClassVar[tuple[str, ...]] = ("teacher", "trigger_search", "distillation")
 
     def __init__(self, **params):
@@ -262,7 +274,7 @@ class NBA(Defense):
         for key in ("teacher_lr", "student_lr"):
             if not getattr(cfg, key) > 0:
                 problems.append(f"{key} must be > 0")
-        for key in ("beta", "gamma", "kl_weight", "pseudo_ce", "eps", "scan_eps", "suspect_kd"):
+        for key in ("beta", "gamma", "kl_weight", "pseudo_ce", "eps", "scan_eps", "suspect_kd", "teacher_kd"):
             if not getattr(cfg, key) >= 0:
                 problems.append(f"{key} must be >= 0")
         if not cfg.kd_temperature > 0:
@@ -352,6 +364,10 @@ class NBA(Defense):
                     with torch.no_grad():
                         b_logits = model(xb).float()
                     loss = loss + cfg.suspect_kd * _kl(b_logits, logits.float(), cfg.kd_temperature)
+                if cfg.teacher_kd > 0:
+                    with torch.no_grad():
+                        t_clean = teacher(xb).float()
+                    loss = loss + cfg.teacher_kd * _kl(t_clean, logits.float(), cfg.kd_temperature)
                 if pseudo is not None and (cfg.gamma > 0 or cfg.kl_weight > 0 or cfg.pseudo_ce > 0):
                     x_t = pseudo.make(m, teacher, xb, yb)
                     # Keep every other image clean: in a batch where EVERY image carries the trigger, BatchNorm's
