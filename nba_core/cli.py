@@ -34,15 +34,23 @@ def cmd_attack(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    hf_config = _read_hf_config(args.hf_config) if args.hf_config else None
     bar = ProgressBar(not args.quiet)
     try:
         run = backdoor_experiment(args.dataset, args.attack, args.arch, args.seed, poison_rate=args.poison_rate,
                                   clean_fraction=args.clean_fraction, target=args.target, epochs=args.epochs,
-                                  device=args.device, all_to_all=args.all_to_all, progress=lambda s, f: bar(s, f))
+                                  device=args.device, all_to_all=args.all_to_all, progress=lambda s, f: bar(s, f),
+                                  hf_config=hf_config)
     finally:
         bar.close()
-    save_model(run.model, out / "model.safetensors", spec=run.spec)
-    (out / "model.json").write_text(run.spec.to_json() + "\n")
+    if hf_config is not None:  # a Hugging Face folder (what save_pretrained writes) instead of safetensors + spec
+        from .models.hf import write_hf_folder
+
+        write_hf_folder(run.model, run.spec, out / "model")
+        args.arch = run.spec.arch
+    else:
+        save_model(run.model, out / "model.safetensors", spec=run.spec)
+        (out / "model.json").write_text(run.spec.to_json() + "\n")
     save_npz(out / "clean.npz", run.clean_subset)
     save_npz(out / "test.npz", run.test)
     save_npz(out / "test_triggered.npz", run.test_triggered)
@@ -64,17 +72,49 @@ def cmd_attack(args) -> int:
     return EXIT_OK
 
 
+def _read_hf_config(path: str) -> dict:
+    from .hf_config import HF_CONFIG_INVALID, MAX_CONFIG_BYTES, check_hf_config
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise NBAError(HF_CONFIG_INVALID, f"cannot read {path}: {e.strerror}") from None
+    return check_hf_config(raw).config
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise NBAError(INVALID_PARAMS, f"expected comma-separated numbers, got {text!r}") from None
+
+
 def cmd_sanitize(args) -> int:
+    from .hf_pipeline import is_hf_model_path, sanitize_hf
     from .pipeline import sanitize
 
     params = parse_params(args.param, args.params)
     bar = ProgressBar(not args.quiet)
+    common = dict(data_path=args.data, method=args.method, params=params, out_path=args.out,
+                  report_path=args.report, probe_path=args.probe, probe_target=args.probe_target,
+                  device=args.device, seed=args.seed, holdout_fraction=args.holdout, progress=bar,
+                  evidence=not args.no_evidence)
     try:
-        report = sanitize(model_path=args.model, spec=args.spec, data_path=args.data, method=args.method,
-                          params=params, out_path=args.out, report_path=args.report, probe_path=args.probe,
-                          probe_target=args.probe_target, device=args.device, seed=args.seed,
-                          holdout_fraction=args.holdout, progress=bar, evidence=not args.no_evidence,
-                          eval_path=args.eval_data, crossfit=args.crossfit)
+        if args.spec is None:
+            if not is_hf_model_path(args.model):
+                raise NBAError(INVALID_PARAMS, "--spec is required unless --model is a Hugging Face folder or zip "
+                               "(config.json + model.safetensors, as save_pretrained writes)")
+            if args.eval_data or args.crossfit:
+                raise NBAError(INVALID_PARAMS, "--eval-data and --crossfit are not yet supported for Hugging Face "
+                               "models")
+            report = sanitize_hf(model_path=args.model, input_size=tuple(args.input_size) if args.input_size
+                                 else None, mean=_floats(args.mean), std=_floats(args.std), **common)
+        else:
+            report = sanitize(model_path=args.model, spec=args.spec, eval_path=args.eval_data,
+                              crossfit=args.crossfit, **common)
     finally:
         bar.close()
     code = EXIT_SUSPECTED if ((report.get("verdict") or {}).get("after") or {}).get("status") == "suspected" \
@@ -146,9 +186,24 @@ def cmd_evaluate(args) -> int:
     from .pipeline import resolve_spec
 
     seed_everything(0)
-    spec = resolve_spec(args.spec)
+    if args.spec is None:  # a Hugging Face folder/zip describes itself; test images are resized to its input
+        from .hf_pipeline import fit_to_input, is_hf_model_path
+        from .models.hf import load_hf_model
+
+        if not is_hf_model_path(args.model):
+            raise NBAError(INVALID_PARAMS, "--spec is required unless --model is a Hugging Face folder or zip")
+        loaded = load_hf_model(args.model)
+        spec, net = loaded.spec, loaded.module
+
+        def load_dataset_file(path, *, num_classes, expect_shape):  # noqa: F811 - the HF variant resizes
+            from .data.formats import load_dataset_file as load
+
+            return fit_to_input(load(path, num_classes=num_classes), spec.in_channels, spec.input_size)[0]
+    else:
+        spec = resolve_spec(args.spec)
+        net = load_model(args.model, spec)
     shape = (spec.in_channels, *spec.input_size)
-    model = prepare_model(load_model(args.model, spec), pick_device(args.device))
+    model = prepare_model(net, pick_device(args.device))
     result: dict = {}
     if args.clean:
         clean = load_dataset_file(args.clean, num_classes=spec.num_classes, expect_shape=shape)
@@ -224,6 +279,9 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     a.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset/arch)")
     a.add_argument("--all-to-all", action="store_true",
                    help="label-shift backdoor: the trigger sends class y to y+1 mod K (dirty-label attacks only)")
+    a.add_argument("--hf-config", help="a transformers config.json (e.g. bench/configs/hf_vit_tiny.json): train that "
+                   "Hugging Face architecture instead of --arch; the model is written to OUT/model/ as "
+                   "save_pretrained does")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -231,13 +289,19 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_attack)
 
     s = sub.add_parser("sanitize", help="remove a backdoor from a model using a small clean data subset")
-    s.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict (loaded with weights_only)")
-    s.add_argument("--spec", required=True, help="model spec JSON (architecture, classes, input size, normalisation)")
+    s.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict (loaded with "
+                   "weights_only), or a Hugging Face folder/zip (config.json + model.safetensors)")
+    s.add_argument("--spec", help="model spec JSON (architecture, classes, input size, normalisation); not needed "
+                   "for a Hugging Face model")
+    s.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="HF models: input size when preprocessor_config.json does not give it")
+    s.add_argument("--mean", help="HF models: per-channel mean, e.g. 0.485,0.456,0.406 (default: preprocessor config)")
+    s.add_argument("--std", help="HF models: per-channel std (default: preprocessor config)")
     s.add_argument("--data", required=True, help="clean subset: .npz (x, y) or zip/tar of class folders")
     s.add_argument("--method", default="nba", help=METHOD_HELP)
     s.add_argument("--params", help='hyperparameter overrides as JSON, e.g. \'{"epochs": 10}\' (see `nba methods`)')
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="one override; repeatable")
-    s.add_argument("--out", required=True, help="where to write the cleaned .safetensors")
+    s.add_argument("--out", required=True, help="where to write the cleaned .safetensors (HF models: a folder)")
     s.add_argument("--report", help="where to write the JSON report")
     s.add_argument("--probe", help="optional: triggered images you suspect (npz with true labels) to measure ASR")
     s.add_argument("--probe-target", type=int, help="the class the suspected trigger maps to")
@@ -268,8 +332,8 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_scan)
 
     e = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a model on labelled test sets")
-    e.add_argument("--model", required=True)
-    e.add_argument("--spec", required=True)
+    e.add_argument("--model", required=True, help="model file, or a Hugging Face folder/zip")
+    e.add_argument("--spec", help="model spec JSON (not needed for a Hugging Face folder/zip)")
     e.add_argument("--clean", help="clean test set (.npz or archive)")
     e.add_argument("--triggered", help="triggered non-target test images labelled with their true classes")
     e.add_argument("--target", type=int, help="the attack's target class")

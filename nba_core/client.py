@@ -136,10 +136,12 @@ class NBAClient:
         return resp.json()
 
     # ------------------------------------------------------------------ uploads
-    def upload_model(self, path: str | os.PathLike, spec: str | os.PathLike | dict | Any) -> dict:
-        """Upload a safetensors / zip-format .pt state_dict with its model spec (path, JSON text, dict)."""
+    def upload_model(self, path: str | os.PathLike, spec: str | os.PathLike | dict | Any = None) -> dict:
+        """Upload a safetensors / zip-format .pt state_dict with its model spec (path, JSON text, dict), or a zip
+        of a Hugging Face model folder (config.json + model.safetensors) with no spec."""
+        fields = {"spec": _spec_text(spec)} if spec is not None else {}
         return self.upload_stream("/v1/models", _file_chunks(path), os.path.getsize(path),
-                                  filename=Path(path).name, fields={"spec": _spec_text(spec)})
+                                  filename=Path(path).name, fields=fields)
 
     def upload_dataset(self, path: str | os.PathLike, kind: str = "clean") -> dict:
         """Upload a .npz, a zip/tar of class folders, or a plain folder of class folders (zipped on the fly into
@@ -248,7 +250,7 @@ class NBAClient:
         return resp.json()
 
 
-def sanitize(url: str, api_key: str, *, model: str | os.PathLike, spec: str | os.PathLike | dict | Any,
+def sanitize(url: str, api_key: str, *, model: str | os.PathLike, spec: str | os.PathLike | dict | Any = None,
              data: str | os.PathLike, method: str = "nba", params: dict | None = None,
              out: str | os.PathLike | None = None, probe: str | os.PathLike | None = None,
              probe_target: int | None = None, class_names: list[str] | None = None,

@@ -92,14 +92,27 @@ def backdoor_experiment(dataset: str = "mnist5k", attack: str = "badnets", arch:
                         poison_rate: float = 0.1, clean_fraction: float = 0.05, target: int = 0,
                         epochs: int | None = None, attack_params: dict | None = None, device: str = "auto",
                         all_to_all: bool = False, second_target: int | None = None,
-                        progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel) -> BackdoorRun:
+                        progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel,
+                        hf_config: dict | None = None) -> BackdoorRun:
     """Poison a built-in dataset with `attack`, train `arch` on it and measure clean accuracy and ASR.
 
     attack "none" trains a benign model (BadNets' trigger is still used to report its ASR, which should be ~0);
     all_to_all maps triggered class y to y + 1 mod K; second_target adds a second BadNets patch (top-left corner)
-    to another class, each trigger poisoning half of `poison_rate` (ASR: the larger of the two)."""
+    to another class, each trigger poisoning half of `poison_rate` (ASR: the larger of the two).
+    With `hf_config` (a transformers config dict) the model is that Hugging Face architecture instead of `arch`,
+    adapted to the dataset's classes, channels and (for transformers) image size."""
     t0 = time.perf_counter()
-    spec = default_spec(dataset, arch)
+    if hf_config is not None:
+        from .models.hf import adapt_config, new_hf_classifier
+
+        base = default_spec(dataset, "small_cnn")
+        hf_config = adapt_config(hf_config, num_labels=base.num_classes, num_channels=base.in_channels,
+                                 input_size=base.input_size)
+        spec = base.model_copy(update={"arch": f"hf:{hf_config.get('model_type')}"})
+        new_model = lambda: new_hf_classifier(hf_config, spec)  # noqa: E731
+    else:
+        spec = default_spec(dataset, arch)
+        new_model = lambda: build_model(spec)  # noqa: E731
     _check(0.0 < poison_rate <= 1.0, "poison_rate must be in (0, 1]")
     _check(0.0 < clean_fraction < 1.0, "clean_fraction must be in (0, 1)")
     _check(0 <= target < spec.num_classes, f"target must be a class index in [0, {spec.num_classes})")
@@ -128,11 +141,11 @@ def backdoor_experiment(dataset: str = "mnist5k", attack: str = "badnets", arch:
     clean_subset, attacker_train = full_train.subset(clean_idx), full_train.subset(attacker_idx)
 
     progress("prepare attack", 0.0)
-    atk.prepare(attacker_train, model_factory=lambda: prepare_model(build_model(spec), dev), device=dev)
+    atk.prepare(attacker_train, model_factory=lambda: prepare_model(new_model(), dev), device=dev)
     poisoned, poisoned_idx = atk.poison(attacker_train)
     progress("prepare attack", 1.0)
 
-    model = prepare_model(build_model(spec), dev)
+    model = prepare_model(new_model(), dev)
     log = train_classifier(model, to_device(poisoned.x, dev), to_device(poisoned.y, dev), cfg, generator=gen,
                            progress=progress, should_cancel=should_cancel, stage="train backdoored model")
     test_triggered = atk.triggered_test_set(test)

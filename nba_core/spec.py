@@ -130,7 +130,8 @@ def parse_spec(source: str | bytes | dict) -> ModelSpec:
     if isinstance(arch, str) and arch not in ARCHITECTURES:
         raise NBAError(
             UNKNOWN_ARCHITECTURE,
-            f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}",
+            f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}. A Hugging Face model needs no spec "
+            "(upload its save_pretrained folder as a zip); any other nn.Module: nba_core.sanitize_module in Python",
         )
     try:
         spec = ModelSpec.model_validate(source)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from app.core.settings import Settings
 from app.core.storage import ArtifactStore
-from nba_core.errors import (CHECKPOINT_UNREADABLE, DATA_UNREADABLE, INTERNAL_ERROR, SPEC_INVALID, TIME_LIMIT_EXCEEDED,
-                             Cancelled, NBAError)
+from nba_core.errors import (CHECKPOINT_UNREADABLE, DATA_UNREADABLE, INTERNAL_ERROR, INVALID_PARAMS, SPEC_INVALID,
+                             TIME_LIMIT_EXCEEDED, Cancelled, NBAError)
 
 from . import jobstate
 from .jobstate import Claim, NewArtifact, SessionFactory
@@ -26,7 +26,7 @@ from .monitor import REASON_CANCEL, REASON_DEADLINE, REASON_LOST, JobMonitor
 
 log = logging.getLogger(__name__)
 
-SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "zip": ".zip", "tar": ".tar"}
+SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "zip": ".zip", "tar": ".tar", "hf": ".zip"}
 
 # Run outcomes (returned by run_job, logged by the task).
 SUCCEEDED, FAILED, CANCELLED, LOST = "succeeded", "failed", "cancelled", "lost"
@@ -60,6 +60,7 @@ def fetch_inputs(session_factory: SessionFactory, store: ArtifactStore, claim: C
         out[role] = str(path)
         if role == "model":
             out["spec"] = art.spec
+            out["model_format"] = art.format
     if not out.get("spec"):
         raise NBAError(SPEC_INVALID, "the model artifact has no spec")
     return out
@@ -85,7 +86,7 @@ def job_metrics(report: dict) -> dict:
             "warnings": list(report.get("warnings") or [])}
 
 
-def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path | None, job_id: str
+def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path | None, job_id: str, hf_zip: bool = False
                   ) -> tuple[NewArtifact | None, NewArtifact, NewArtifact | None]:
     from nba_core.report_html import render_report_html
 
@@ -106,9 +107,9 @@ def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path | None, 
         html_art = NewArtifact("report", "html", "report.html", html_obj.key, html_obj.sha256, html_obj.size)
     except Exception:  # the HTML is a convenience; a plotting failure must not fail a finished job
         log.exception("rendering the HTML report of job %s failed", job_id)
+    fmt, name = ("hf-zip", "cleaned.zip") if hf_zip else ("safetensors", "cleaned.safetensors")
     result = None if model_obj is None else NewArtifact(
-        "result", "safetensors", "cleaned.safetensors", model_obj.key, model_obj.sha256, model_obj.size,
-        spec=report.get("spec"))
+        "result", fmt, name, model_obj.key, model_obj.sha256, model_obj.size, spec=report.get("spec"))
     return (result,
             NewArtifact("report", "json", "report.json", report_obj.key, report_obj.sha256, report_obj.size),
             html_art)
@@ -152,24 +153,37 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
             folder = Path(tmp)
             inputs = fetch_inputs(session_factory, store, claim, folder)
             out_path: Path | None = folder / "cleaned.safetensors"
+            hf_zip = inputs.get("model_format") == "hf"
+            run = dict(data_path=inputs["data"], method=claim.method, params=claim.params,
+                       probe_path=inputs["probe"], probe_target=claim.probe_target, device=settings.device,
+                       progress=monitor.progress, should_cancel=monitor.should_cancel, on_before=on_before)
             if claim.method == "scan":
-                out_path = None
+                if hf_zip:
+                    raise NBAError(INVALID_PARAMS, "scan jobs do not yet take Hugging Face models; run nba with "
+                                   "a sanitizing method (its report carries the verdict)")
+                out_path, hf_zip = None, False
                 report = scan(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
                               device=settings.device, seed=int((claim.params or {}).get("seed", 0)),
                               progress=monitor.progress, should_cancel=monitor.should_cancel)
+            elif hf_zip:  # a Hugging Face folder zip in, the same layout zipped out
+                from nba_core.checkpoint import sha256_file
+                from nba_core.hf_pipeline import sanitize_hf
+
+                out_path = folder / "cleaned.zip"
+                report = sanitize_hf(model_path=inputs["model"], out_path=str(folder / "cleaned"),
+                                     out_zip=str(out_path), **run)
+                report["output"] = {**report["output"], "weights_sha256": report["output"]["sha256"],
+                                    "sha256": sha256_file(out_path), "zip": None}
             else:
-                report = sanitize(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
-                                  method=claim.method, params=claim.params, out_path=str(out_path),
-                                  probe_path=inputs["probe"], probe_target=claim.probe_target,
-                                  device=settings.device, progress=monitor.progress,
-                                  should_cancel=monitor.should_cancel, on_before=on_before)
+                report = sanitize(model_path=inputs["model"], spec=inputs["spec"], out_path=str(out_path), **run)
             report = json_safe(report)
             monitor.progress("store", 1.0)
             monitor.stop()
             monitor.flush()  # final heartbeat: are we still the owner, was cancel asked at the last moment?
             if monitor.stop_reason == REASON_LOST:
                 return LOST
-            result, report_art, html_art = store_outputs(store, report, out_path=out_path, job_id=claim.job_id)
+            result, report_art, html_art = store_outputs(store, report, out_path=out_path, job_id=claim.job_id,
+                                                         hf_zip=hf_zip)
         # A cleaned model that is still suspected is a success with a warning (report["warnings"]), not a failure:
         # the user gets the model, the verdict and the reason to distrust it.
         done = jobstate.finish_succeeded(session_factory, claim, metrics=job_metrics(report),

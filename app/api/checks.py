@@ -101,3 +101,24 @@ def check_dataset_object(store: ArtifactStore, key: str, limits: Any = None) -> 
             store.fetch_to_path(key, path)
             info = check_dataset_file(path, **kwargs)
     return dict(info or {})
+
+
+def check_hf_model_object(store: ArtifactStore, key: str, fmt: str) -> dict[str, Any]:
+    """An upload without a spec must be a Hugging Face folder zip: check its members, configs (allow-list, size
+    bounds estimated from the config) and the weights header without extracting or building anything."""
+    from nba_core.errors import SPEC_INVALID
+    from nba_core.hf_io import check_hf_zip, zip_has_hf_config
+
+    def verdict(path: str) -> dict[str, Any]:
+        if fmt != "pt" or not zip_has_hf_config(path):
+            raise NBAError(SPEC_INVALID, "the `spec` part (model-spec JSON) is missing; only a zip of a Hugging Face "
+                           "model folder (config.json + model.safetensors, as save_pretrained writes) needs none")
+        summary = check_hf_zip(path).summary()
+        return summary | {"num_classes": summary["num_labels"]}
+
+    if isinstance(store, LocalStore):
+        return verdict(str(store.path_for(key)))
+    with tempfile.TemporaryDirectory(prefix="nba-check-") as tmp:
+        path = os.path.join(tmp, "model.zip")
+        store.fetch_to_path(key, path)
+        return verdict(path)

@@ -107,8 +107,9 @@ def _filename(upload: Upload) -> str | None:
 
 @router.post("/models", status_code=201, response_model=ArtifactOut, responses=_ERRORS,
              openapi_extra=_multipart_doc({"spec": {"type": "string", "description": "model-spec JSON (a form "
-                                                    "field or a file part)"}}, ["spec"]),
-             summary="Upload a model (safetensors or a zip-format .pt state_dict) with its spec")
+                                                    "field or a file part); omit for a Hugging Face zip"}}, []),
+             summary="Upload a model (safetensors or a zip-format .pt state_dict) with its spec, or a zip of a "
+                     "Hugging Face model folder (config.json + model.safetensors) without one")
 async def upload_model(request: Request, state: ServiceState = Depends(get_state)) -> ArtifactOut:
     parsed: dict[str, ModelSpec] = {}
 
@@ -116,13 +117,21 @@ async def upload_model(request: Request, state: ServiceState = Depends(get_state
         if name == "spec":
             parsed["spec"] = parse_spec(value)  # raises spec_invalid / unknown_architecture early
 
+    hf: dict[str, Any] = {}
+
     def check(upload: Upload) -> dict[str, Any]:
         if "spec" not in parsed:
-            raise NBAError(SPEC_INVALID, "the `spec` part (model-spec JSON) is missing")
+            # No spec: only a Hugging Face folder zip (config.json + model.safetensors) describes itself.
+            hf.update(checks.check_hf_model_object(state.store, upload.stored.key, upload.format))
+            return hf
         return checks.check_model_object(state.store, upload.stored.key, upload.format, upload.stored.size,
                                          parsed["spec"])
 
     def build(owner: Owner, upload: Upload) -> Artifact:
+        if hf:  # the config summary plays the spec's part (num_classes for probe_target, norm for the methods)
+            return Artifact(owner_id=owner.id, kind="model", sha256=upload.stored.sha256,
+                            size_bytes=upload.stored.size, storage_key=upload.stored.key,
+                            filename=_filename(upload), format="hf", spec=hf, created_at=utcnow())
         return Artifact(owner_id=owner.id, kind="model", sha256=upload.stored.sha256, size_bytes=upload.stored.size,
                         storage_key=upload.stored.key, filename=_filename(upload), format=upload.format,
                         spec=parsed["spec"].model_dump(mode="json"), created_at=utcnow())

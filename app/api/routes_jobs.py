@@ -109,6 +109,10 @@ def create_job(body: JobCreate, response: Response, request: Request, state: Ser
             if existing is not None:
                 return _replay(existing, rhash, response, session)
         model = _artifact_of_kind(session, owner, body.model_id, ("model",), "model_id")
+        if model.format == "hf":
+            from nba_core.hf_config import check_method_applies
+
+            check_method_applies(body.method, model.spec or {})
         dataset = _artifact_of_kind(session, owner, body.dataset_id, ("dataset",), "dataset_id")
         probe = None
         if body.probe_id is not None:
@@ -235,8 +239,9 @@ def download_model(job_id: str, request: Request, state: ServiceState = Depends(
     if artifact is None:
         raise not_found("result of job", job_id)
     etag = f'"{artifact.sha256}"'
+    suffix = "zip" if artifact.format == "hf-zip" else "safetensors"  # an HF model comes back as its folder zip
     headers = {"ETag": etag, "X-Content-SHA256": artifact.sha256, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'attachment; filename="{job.id}.safetensors"',
+               "Content-Disposition": f'attachment; filename="{job.id}.{suffix}"',
                "Cache-Control": "private, max-age=0"}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)

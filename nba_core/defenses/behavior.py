@@ -1,7 +1,9 @@
 """Neural-behaviour representations R^l of a layer's output (see NBA.md §3.2).
 
-NAD uses `attention_map`; NBA may combine several. Each maps a B×C×H×W (or B×D) feature tensor to a
-normalised summary so that distances between student and teacher are scale-free.
+NAD uses `attention_map`; NBA may combine several. Each maps a layer's output to a normalised summary so that
+distances between student and teacher are scale-free. Layer outputs are first brought to B×C×H×W by
+`as_feature_map`: feature maps as they are, vectors B×D as D channels of 1×1, transformer tokens B×N×D as D
+channels over N positions (a 3-D output is always read as tokens), a tuple (e.g. a Swin stage) by its first item.
 """
 
 from __future__ import annotations
@@ -10,10 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
+def as_feature_map(feat) -> torch.Tensor:
+    """B×C×H×W view of a layer output (see the module docstring)."""
+    if isinstance(feat, (tuple, list)):
+        feat = feat[0]
+    if feat.ndim == 2:
+        return feat[:, :, None, None]
+    if feat.ndim == 3:  # tokens B×N×D -> channels D over N positions
+        return feat.transpose(1, 2)[:, :, :, None]
+    return feat
+
+
 def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """NAD's spatial attention: sum_c |F_c|^p, flattened over H×W, L2-normalised per sample."""
-    if feat.ndim == 2:
-        feat = feat[:, :, None, None]
+    feat = as_feature_map(feat)
     a = feat.float().abs().pow(p).sum(1).flatten(1)
     return F.normalize(a, dim=1)
 
@@ -31,8 +43,7 @@ def attention_distance(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p
 REPRESENTATIONS: tuple[str, ...] = ("attention", "channel", "relational", "flow", "gram")
 
 
-def _as_map(feat: torch.Tensor) -> torch.Tensor:
-    return feat[:, :, None, None] if feat.ndim == 2 else feat
+_as_map = as_feature_map
 
 
 def channel_repr(feat: torch.Tensor) -> torch.Tensor:
@@ -43,7 +54,7 @@ def channel_repr(feat: torch.Tensor) -> torch.Tensor:
 def relational_repr(feat: torch.Tensor) -> torch.Tensor:
     """How the batch's samples relate: the cosine-similarity matrix of flattened features, rows L2-normalised.
     Needs the student and teacher to see the same batch (they do: both get identical inputs)."""
-    f = F.normalize(feat.float().flatten(1), dim=1)
+    f = F.normalize(as_feature_map(feat).float().flatten(1), dim=1)
     return F.normalize(f @ f.t(), dim=1)
 
 
@@ -75,6 +86,8 @@ def behavior_distance(kind: str, student_feats: list[torch.Tensor], teacher_feat
                       weights: list[float] | None = None) -> torch.Tensor:
     """Σ_l w_l · D(R_S^l, R_T^l) for one representation over the given stage outputs (flow: over consecutive
     pairs of stages, weighted by the later stage's weight)."""
+    student_feats = [as_feature_map(f) for f in student_feats]
+    teacher_feats = [as_feature_map(f) for f in teacher_feats]
     n = len(student_feats)
     weights = list(weights) if weights is not None else [1.0] * n
     total = student_feats[0].new_zeros((), dtype=torch.float32)

@@ -27,6 +27,7 @@ from ..errors import Cancelled
 from ..models.base import SpecModel, capture_outputs
 from ..train import predict_logits, train_classifier
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .behavior import as_feature_map
 from .finetune import FineTuningConfig, check_range, clean_tensors, working_copy
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -40,8 +41,8 @@ def mean_channel_activation(model: nn.Module, layer: str, x: torch.Tensor, batch
     with capture_outputs(model, (layer,)) as store:
         for i in range(0, len(x), batch_size):
             model(x[i : i + batch_size])
-            feat = store[layer].float()
-            s = feat.sum(0) if feat.ndim == 2 else feat.sum(0).flatten(1).mean(1)
+            feat = as_feature_map(store[layer]).float()  # tokens B×N×D: channels are D
+            s = feat.sum(0).flatten(1).mean(1)
             total = s if total is None else total + s
     assert total is not None
     return total / len(x)
@@ -55,8 +56,14 @@ class ChannelMask:
         self.keep = torch.ones(channels, device=next(model.parameters()).device)
         self._handle = self.module.register_forward_hook(self._hook)
 
-    def _hook(self, _m, _inp, out: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (out.ndim - 2)
+    def _hook(self, _m, _inp, out):
+        if isinstance(out, tuple):  # e.g. a Swin stage: the features are the first item
+            return (self._mask(out[0]), *out[1:])
+        return self._mask(out)
+
+    def _mask(self, out: torch.Tensor) -> torch.Tensor:
+        # channels: dim 1 of a feature map / vector, the last dim of transformer tokens (B×N×D)
+        shape = (1, 1, -1) if out.ndim == 3 else (1, -1) + (1,) * (out.ndim - 2)
         return out * self.keep.to(out.dtype).view(shape)
 
     def set_pruned(self, pruned: torch.Tensor) -> None:

@@ -46,7 +46,7 @@ def capture_outputs(model: nn.Module, layer_names: tuple[str, ...] | list[str]) 
     handles = []
     for name in layer_names:
         def hook(_m, _inp, out, name=name):
-            store[name] = out
+            store[name] = out[0] if isinstance(out, (tuple, list)) else out  # e.g. a Swin stage
         handles.append(modules[name].register_forward_hook(hook))
     try:
         yield store

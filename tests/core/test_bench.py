@@ -27,6 +27,12 @@ def test_missing_seeds_cells_and_mixed_commits_are_reported():
     assert "> PARTIAL" in quality_markdown(rows, {"commit": "def"})
 
 
+def test_defenses_that_cannot_apply_are_not_reported_missing():
+    rows = [r for r in _rows() if r["defense"] not in ("anp", "fp")]
+    assert "anp" in " ".join(completeness_notes(rows, {}))
+    assert completeness_notes(rows, {"not_applicable": {"anp": "LayerNorm", "fp": "LayerNorm"}}) == []
+
+
 def test_defenses_on_different_models_of_one_unit_are_flagged():
     rows = _rows()
     for r in rows:
