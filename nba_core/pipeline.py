@@ -23,8 +23,10 @@ from .data.imageset import ImageSet, stratified_split
 from .defenses import get_defense
 from .defenses.base import DefenseContext
 from .device import pick_device, prepare_model, seed_everything
+from .data.classes import check_class_names, class_counts, class_warnings
 from .errors import INVALID_PARAMS, NBAError
 from .metrics import attack_success_rate, clean_accuracy, robust_accuracy
+from .sanity import check_clean_accuracy
 from .spec import ModelSpec, load_spec, parse_spec
 from .train import never_cancel, no_progress
 
@@ -32,7 +34,11 @@ from .train import never_cancel, no_progress
 _BEFORE, _DEFENSE, _AFTER = 0.1, 0.8, 0.1
 
 
-def resolve_spec(spec: ModelSpec | dict | str | os.PathLike) -> ModelSpec:
+def resolve_spec(spec: ModelSpec | dict | str | os.PathLike | None, model_path: str | os.PathLike | None = None
+                 ) -> ModelSpec:
+    """A spec object, dict, JSON text or file; None: the spec a .safetensors written by nba carries."""
+    if spec is None:
+        return spec_from_checkpoint(model_path)
     if isinstance(spec, ModelSpec):
         return spec
     if isinstance(spec, dict):
@@ -41,6 +47,19 @@ def resolve_spec(spec: ModelSpec | dict | str | os.PathLike) -> ModelSpec:
     if text.lstrip().startswith("{"):
         return parse_spec(text)
     return load_spec(text)
+
+
+def spec_from_checkpoint(model_path: str | os.PathLike | None) -> ModelSpec:
+    from .checkpoint import SPEC_METADATA_KEY, read_checkpoint_metadata
+    from .errors import SPEC_INVALID
+
+    text = None
+    if model_path is not None and str(model_path).endswith(".safetensors"):
+        text = read_checkpoint_metadata(model_path).get(SPEC_METADATA_KEY)
+    if not text:
+        raise NBAError(SPEC_INVALID, "give the model spec (--spec model.json): this checkpoint does not carry one "
+                       "(only .safetensors written by nba do)")
+    return parse_spec(text)
 
 
 class _OverallProgress:
@@ -68,7 +87,8 @@ class _OverallProgress:
 
 
 def _measure(model, *, holdout: ImageSet, evidence_data: ImageSet | None, probe: ImageSet | None,
-             probe_target: int | None, num_classes: int, device, seed: int) -> dict[str, Any]:
+             probe_target: int | None, num_classes: int, device, seed: int,
+             on_step: Callable[[float], None] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, holdout.x, holdout.y) if len(holdout) else None,
                            "holdout_size": len(holdout)}
     if probe is not None and probe_target is not None:
@@ -77,7 +97,8 @@ def _measure(model, *, holdout: ImageSet, evidence_data: ImageSet | None, probe:
     if evidence_data is not None:
         from .trigger_free import trigger_free_evidence
 
-        out["trigger_free"] = trigger_free_evidence(model, evidence_data, num_classes=num_classes, device=device, seed=seed)
+        out["trigger_free"] = trigger_free_evidence(model, evidence_data, num_classes=num_classes, device=device,
+                                                    seed=seed, on_step=on_step)
     return out
 
 
@@ -112,9 +133,12 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
              params: dict | None, out_path: str, report_path: str | None = None, probe_path: str | None = None,
              probe_target: int | None = None, device: str = "auto", seed: int = 0,
              holdout_fraction: float = 0.2, progress: Callable[[str, float], None] | None = None,
-             should_cancel: Callable[[], bool] | None = None, evidence: bool = True) -> dict:
+             should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
+             class_names: list[str] | None = None, allow_low_accuracy: bool = False) -> dict:
     """Sanitize the model at `model_path` with `method`; write cleaned safetensors to `out_path` and return the
-    report (also written to `report_path`). Raises NBAError for bad inputs, Cancelled when asked to stop."""
+    report (also written to `report_path`). Raises NBAError for bad inputs, Cancelled when asked to stop.
+    `spec` None: read from the checkpoint. `class_names`: label order (else the spec's, else the data's).
+    A model near chance on the clean data is refused (sanity.py) unless `allow_low_accuracy`."""
     t_start = time.perf_counter()
     progress = progress or no_progress
     should_cancel = should_cancel or never_cancel
@@ -124,13 +148,16 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
     if probe_path is not None and probe_target is None:
         raise NBAError(INVALID_PARAMS, "a probe set needs probe_target (the class the suspected trigger maps to)")
 
-    spec = resolve_spec(spec)
+    spec = resolve_spec(spec, model_path)
     if probe_target is not None and not 0 <= int(probe_target) < spec.num_classes:
         raise NBAError(INVALID_PARAMS, f"probe_target must be in [0, {spec.num_classes})")
     shape = (spec.in_channels, *spec.input_size)
     progress("load", 0.0)
     model = load_model(model_path, spec)
-    data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape)
+    if class_names is not None:
+        class_names = check_class_names(class_names, spec.num_classes)
+    data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape,
+                             class_names=class_names or spec.class_names)
     probe = load_dataset_file(probe_path, num_classes=spec.num_classes, expect_shape=shape) if probe_path else None
 
     generator = seed_everything(seed)
@@ -144,9 +171,15 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
                    num_classes=spec.num_classes, device=dev, seed=seed)
 
     bar = _OverallProgress(progress, expected_stages=len(getattr(defense, "stages", ())) or 2)
+    bar.emit("check", 0.0)
+    names = data.class_names
+    counts = class_counts(data.y, spec.num_classes)
+    accuracy_all = clean_accuracy(model, data.x, data.y)  # on every clean image: fails fast, before minutes of work
+    warnings = check_clean_accuracy(accuracy_all, spec.num_classes, allow_low_accuracy=allow_low_accuracy,
+                                    class_names=names) + class_warnings(counts, names)
     bar.emit("evaluate_before", 0.0)
     t0 = time.perf_counter()
-    before = _measure(model, **measure)
+    before = _measure(model, **measure, on_step=lambda f: bar.emit("evaluate_before", _BEFORE * f))
     t_before = time.perf_counter() - t0
     bar.emit("evaluate_before", _BEFORE)
 
@@ -162,7 +195,8 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
         raise Cancelled()
     bar.emit("evaluate_after", _BEFORE + _DEFENSE)
     t0 = time.perf_counter()
-    after = _measure(result.model, **measure)
+    after = _measure(result.model, **measure,
+                     on_step=lambda f: bar.emit("evaluate_after", _BEFORE + _DEFENSE + 0.09 * f))
     t_after = time.perf_counter() - t0
 
     bar.emit("save", 0.99)
@@ -179,7 +213,9 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "spec": spec.model_dump(mode="json"),
         "data": {"clean_subset": len(data), "defense_train": len(train_part), "holdout": len(holdout),
-                 "probe": len(probe) if probe is not None else None, "probe_target": probe_target},
+                 "probe": len(probe) if probe is not None else None, "probe_target": probe_target,
+                 "class_names": names, "class_counts": counts, "clean_accuracy_all_before": accuracy_all},
+        "warnings": warnings,
         "metrics": {"before": before, "after": after},
         "timing": {"total_seconds": time.perf_counter() - t_start, "evaluate_before_seconds": t_before,
                    "defense_seconds": t_defense, "evaluate_after_seconds": t_after,

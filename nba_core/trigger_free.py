@@ -28,7 +28,8 @@ MAX_IMAGES = 1000  # the scan needs a few hundred images at most; larger sets ar
 
 
 def trigger_free_evidence(model: nn.Module, clean: ImageSet, *, num_classes: int, device: torch.device | None = None,
-                          seed: int = 0, budget: str = "fast", should_cancel: CancelFn = never_cancel) -> dict:
+                          seed: int = 0, budget: str = "fast", should_cancel: CancelFn = never_cancel,
+                          on_step=None) -> dict:
     """Scan `model` on `clean` and return a JSON-ready summary (plain floats, ints, lists)."""
     if budget not in BUDGETS:
         raise NBAError(INVALID_PARAMS, f"unknown evidence budget {budget!r}; known: {', '.join(BUDGETS)}")
@@ -41,7 +42,8 @@ def trigger_free_evidence(model: nn.Module, clean: ImageSet, *, num_classes: int
     device = device or next(model.parameters()).device
     generator = torch.Generator().manual_seed(int(seed))
     scan = scan_universal_triggers(model, data.x, data.y, num_classes=num_classes, device=device,
-                                   generator=generator, should_cancel=should_cancel, **BUDGETS[budget])
+                                   generator=generator, should_cancel=should_cancel, on_step=on_step,
+                                   **BUDGETS[budget])
     suspect = scan.ranking()[0]
     return {
         "method": "batched Neural-Cleanse-like universal trigger scan (mask + pattern per class)",

@@ -126,7 +126,9 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
             report = sanitize(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
                               method=claim.method, params=claim.params, out_path=str(out_path),
                               probe_path=inputs["probe"], probe_target=claim.probe_target, device=settings.device,
-                              progress=monitor.progress, should_cancel=monitor.should_cancel)
+                              progress=monitor.progress, should_cancel=monitor.should_cancel,
+                              class_names=claim.options.get("class_names"),
+                              allow_low_accuracy=bool(claim.options.get("allow_low_accuracy")))
             report = json_safe(report)
             monitor.progress("store", 1.0)
             monitor.stop()

@@ -26,7 +26,7 @@ from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, Cancelled, NBAError
 from ..models.base import SpecModel
 from ..train import iterate_batches
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .finetune import check_range, clean_tensors, working_copy
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -74,16 +74,21 @@ class NeuronPerturbation:
 
 @dataclass
 class ANPConfig:
-    iterations: int = 200  # the paper uses 2000 on CIFAR-10 (GPU); a CPU-sized budget (< 60 s on 2 cores)
-    batch_size: int = 128
-    eps: float = 0.4  # bound of the multiplicative neuron perturbation
-    anp_steps: int = 1  # signed-gradient steps of the inner maximisation
-    alpha: float = 0.2  # weight of the natural loss (1 − alpha on the perturbed loss)
-    mask_lr: float = 0.2
-    prune_by: str = "threshold"  # threshold | fraction
-    threshold: float = 0.2
-    prune_fraction: float = 0.05
-    zero_bias: bool = False
+    # the paper uses 2000 on CIFAR-10 (GPU); a CPU-sized budget (< 60 s on 2 cores)
+    iterations: int = param(200, "optimisation steps of the neuron masks")
+    batch_size: int = param(128, "images per step")
+    # bound of the multiplicative neuron perturbation
+    eps: float = param(0.4, "bound of the adversarial multiplicative neuron perturbation")
+    # signed-gradient steps of the inner maximisation
+    anp_steps: int = param(1, "gradient steps of the inner (perturbation) maximisation")
+    # weight of the natural loss (1 − alpha on the perturbed loss)
+    alpha: float = param(0.2, "weight of the natural loss (1 - alpha on the perturbed loss)")
+    mask_lr: float = param(0.2, "learning rate of the neuron masks")
+    # threshold | fraction
+    prune_by: str = param("threshold", "threshold (prune masks below `threshold`) | fraction (prune the lowest `prune_fraction`)")
+    threshold: float = param(0.2, "mask value below which a neuron is pruned (prune_by=threshold)")
+    prune_fraction: float = param(0.05, "share of neurons pruned (prune_by=fraction)")
+    zero_bias: bool = param(False, "also zero the bias of pruned neurons")
 
     def __post_init__(self) -> None:
         check_range("iterations", self.iterations, 1, 100000)

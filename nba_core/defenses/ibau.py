@@ -34,7 +34,7 @@ from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, Cancelled, NBAError
 from ..models.base import SpecModel
 from ..train import iterate_batches, predict_logits
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .finetune import check_range, clean_tensors, working_copy
 
 
@@ -69,17 +69,25 @@ def implicit_hypergradient(params: list[torch.Tensor], delta: torch.Tensor,
 
 @dataclass
 class IBAUConfig:
-    rounds: int = 5  # BackdoorBench n_rounds
-    k_steps: int = 5  # fixed-point iterations of the hypergradient (BackdoorBench K)
-    lr: float = 1e-3  # Adam, outer problem (paper's code: 1e-3; BackdoorBench 1e-4 with 12x more data)
-    batch_size: int = 64
-    norm: str = "l2"  # l2 | linf, measured in normalised input units
-    eps_rms: float = 10.0 / 3072**0.5  # L2 bound per √(input values), normalised units: 10 on 3×32×32
-    eps_linf: float = 0.5  # normalised units (≈ 0.15 in pixels for std 0.3)
-    inner_steps: int = 10  # PGD steps of the universal-perturbation search per round
-    inner_lr: float = 0.1  # η of the fixed-point map Φ
-    inner_reg: float = 1e-4  # λ‖δ‖² in the inner loss (keeps the fixed point well-posed)
-    perturbed_fraction: float = 0.5
+    # BackdoorBench n_rounds
+    rounds: int = param(5, "outer rounds: find a universal adversarial perturbation, then unlearn it")
+    # fixed-point iterations of the hypergradient (BackdoorBench K)
+    k_steps: int = param(5, "fixed-point iterations used to approximate the implicit hypergradient")
+    # Adam, outer problem (paper's code: 1e-3; BackdoorBench 1e-4 with 12x more data)
+    lr: float = param(1e-3, "Adam learning rate of the model update (outer problem)")
+    batch_size: int = param(64, "images per step")
+    # l2 | linf, measured in normalised input units
+    norm: str = param("l2", "bound on the perturbation: l2 | linf (in normalised input units)")
+    # L2 bound per √(input values), normalised units: 10 on 3×32×32
+    eps_rms: float = param(10.0 / 3072**0.5, "L2 bound per square root of the number of input values (norm=l2)")
+    # normalised units (≈ 0.15 in pixels for std 0.3)
+    eps_linf: float = param(0.5, "L-infinity bound of the perturbation (norm=linf)")
+    # PGD steps of the universal-perturbation search per round
+    inner_steps: int = param(10, "gradient steps of the perturbation search per round")
+    inner_lr: float = param(0.1, "step size of the perturbation's fixed-point map")  # η of the fixed-point map Φ
+    # λ‖δ‖² in the inner loss (keeps the fixed point well-posed)
+    inner_reg: float = param(1e-4, "weight of the perturbation's squared norm in the inner loss")
+    perturbed_fraction: float = param(0.5, "share of each batch that gets the perturbation during unlearning")
 
     def __post_init__(self) -> None:
         check_range("rounds", self.rounds, 1, 200)

@@ -19,7 +19,7 @@ from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, NBAError
 from ..models.base import SpecModel, capture_outputs
 from ..train import TrainConfig, train_classifier
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .behavior import attention_distance
 from .finetune import check_range, clean_tensors, working_copy
 from .teacher import train_teacher
@@ -45,17 +45,18 @@ def attention_loss(student_feats: dict[str, torch.Tensor], teacher_feats: dict[s
 
 @dataclass
 class NADConfig:
-    teacher_epochs: int = 10
-    teacher_lr: float = 0.1
-    teacher_shift: int = 2
-    epochs: int = 20
-    lr: float = 0.01
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    shift: int = 2
-    betas: tuple = ()  # one β per behaviour layer; () = BackdoorBench's rule (default_betas)
-    p: float = 2.0  # attention map exponent
+    teacher_epochs: int = param(10, "epochs fine-tuning the teacher (a copy of the suspect model) on the clean subset")
+    teacher_lr: float = param(0.1, "teacher fine-tuning learning rate")
+    teacher_shift: int = param(2, "random translation (pixels) while fine-tuning the teacher")
+    epochs: int = param(20, "epochs of attention distillation into the student")
+    lr: float = param(0.01, "student learning rate")
+    batch_size: int = param(64, "images per step")
+    momentum: float = param(0.9, "SGD momentum")
+    weight_decay: float = param(1e-4, "L2 weight decay")
+    shift: int = param(2, "random translation (pixels) while distilling")
+    # one β per behaviour layer; () = BackdoorBench's rule (default_betas)
+    betas: tuple = param((), "attention-loss weight per behaviour layer; empty = BackdoorBench's defaults")
+    p: float = param(2.0, "exponent of the attention maps")  # attention map exponent
 
     def __post_init__(self) -> None:
         check_range("teacher_epochs", self.teacher_epochs, 1, 1000)
