@@ -40,11 +40,10 @@ from .errors import (
     NBAError,
 )
 from .models import SpecModel, build_model
-from .safetensors_header import check_safetensors_header, sniff_checkpoint_format
+from .safetensors_header import SPEC_METADATA_KEY, check_safetensors_header, sniff_checkpoint_format
 from .spec import ModelSpec, parse_spec
 
 PathLike = str | os.PathLike
-SPEC_METADATA_KEY = "nba_spec"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _ACCEPTED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -71,6 +71,8 @@ class JobLinks(BaseModel):
     model: str | None = None
     report: str | None = None
     report_html: str | None = None
+    report_link: str | None = Field(default=None, description="GET it (with your key) for a signed URL a browser "
+                                    "opens without the key")
 
 
 class JobOut(BaseModel):
@@ -118,7 +120,8 @@ class JobOut(BaseModel):
             links=JobLinks(self=base, cancel=f"{base}/cancel",
                            model=f"{base}/model" if done and job.result_id else None,
                            report=f"{base}/report" if done and job.report_id else None,
-                           report_html=f"{base}/report?format=html" if done and job.report_id else None),
+                           report_html=f"{base}/report?format=html" if done and job.report_id else None,
+                           report_link=f"{base}/report-link" if done and job.report_id else None),
         )
 
 
