@@ -10,6 +10,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,6 +130,22 @@ def _json_default(o):
     return str(o)
 
 
+def _check_probe_target(probe_target: int | None, num_classes: int) -> None:
+    if probe_target is not None and not 0 <= int(probe_target) < num_classes:
+        raise NBAError(INVALID_PARAMS, f"probe_target must be in [0, {num_classes})")
+
+
+def _check_request(method: str, params: dict | None, *, probe_given: bool, probe_target: int | None,
+                   holdout_fraction: float):
+    """Cheap checks before any heavy work; returns the configured defense."""
+    if not 0.0 <= holdout_fraction < 0.9:
+        raise NBAError(INVALID_PARAMS, "holdout_fraction must be in [0, 0.9)")
+    defense = get_defense(method, params)  # validates method and params before any heavy work
+    if probe_given and probe_target is None:
+        raise NBAError(INVALID_PARAMS, "a probe set needs probe_target (the class the suspected trigger maps to)")
+    return defense
+
+
 def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, method: str,
              params: dict | None, out_path: str, report_path: str | None = None, probe_path: str | None = None,
              probe_target: int | None = None, device: str = "auto", seed: int = 0,
@@ -137,20 +154,15 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
              class_names: list[str] | None = None, allow_low_accuracy: bool = False) -> dict:
     """Sanitize the model at `model_path` with `method`; write cleaned safetensors to `out_path` and return the
     report (also written to `report_path`). Raises NBAError for bad inputs, Cancelled when asked to stop.
-    `spec` None: read from the checkpoint. `class_names`: label order (else the spec's, else the data's).
-    A model near chance on the clean data is refused (sanity.py) unless `allow_low_accuracy`."""
+    A thin file-based wrapper: loads safely, calls `sanitize_loaded`, saves atomically.
+    `spec` None: read from the checkpoint. `class_names`: label order (else the spec's, else the data's)."""
     t_start = time.perf_counter()
     progress = progress or no_progress
-    should_cancel = should_cancel or never_cancel
-    if not 0.0 <= holdout_fraction < 0.9:
-        raise NBAError(INVALID_PARAMS, "holdout_fraction must be in [0, 0.9)")
-    defense = get_defense(method, params)  # validates method and params before any heavy work
-    if probe_path is not None and probe_target is None:
-        raise NBAError(INVALID_PARAMS, "a probe set needs probe_target (the class the suspected trigger maps to)")
-
+    _check_request(method, params, probe_given=probe_path is not None, probe_target=probe_target,
+                   holdout_fraction=holdout_fraction)
+    method = str(method).strip().lower()
     spec = resolve_spec(spec, model_path)
-    if probe_target is not None and not 0 <= int(probe_target) < spec.num_classes:
-        raise NBAError(INVALID_PARAMS, f"probe_target must be in [0, {spec.num_classes})")
+    _check_probe_target(probe_target, spec.num_classes)
     shape = (spec.in_channels, *spec.input_size)
     progress("load", 0.0)
     model = load_model(model_path, spec)
@@ -159,6 +171,48 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
     data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape,
                              class_names=class_names or spec.class_names)
     probe = load_dataset_file(probe_path, num_classes=spec.num_classes, expect_shape=shape) if probe_path else None
+
+    outcome = sanitize_loaded(model, data, spec=spec, method=method, params=params, probe=probe,
+                              probe_target=probe_target, device=device, seed=seed,
+                              holdout_fraction=holdout_fraction, progress=progress, should_cancel=should_cancel,
+                              evidence=evidence, allow_low_accuracy=allow_low_accuracy)
+    progress("save", 0.99)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    sha256 = save_model(outcome.model, out_path, spec=spec, metadata={"nba_method": method, "nba_seed": str(seed)})
+    report = outcome.report
+    report["timing"]["total_seconds"] = time.perf_counter() - t_start
+    report["output"] = {"path": str(out_path), "sha256": sha256}
+    if report_path:
+        write_json_atomic(report_path, report)
+    progress("done", 1.0)
+    return report
+
+
+@dataclass
+class SanitizeOutcome:
+    """The cleaned module (on the run's device, in eval mode as the defense left it) and the JSON report."""
+
+    model: torch.nn.Module
+    report: dict
+
+
+def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, method: str,
+                    params: dict | None = None, probe: ImageSet | None = None, probe_target: int | None = None,
+                    device: str = "auto", seed: int = 0, holdout_fraction: float = 0.2,
+                    progress: Callable[[str, float], None] | None = None,
+                    should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
+                    allow_low_accuracy: bool = False) -> SanitizeOutcome:
+    """The in-memory core: check, measure, defend, measure again. A model near chance on `data` is refused
+    (sanity.py) unless `allow_low_accuracy`; `data.class_names` (when known) names the labels in the report. `model` takes pixels in [0, 1] (N×C×H×W, the geometry
+    of `spec`) and names its stage outputs in `model.behavior_layers`; `data` is the clean subset. Nothing is read
+    or written on disk. Raises NBAError for bad inputs, Cancelled when asked to stop."""
+    t_start = time.perf_counter()
+    progress = progress or no_progress
+    should_cancel = should_cancel or never_cancel
+    method = str(method).strip().lower()
+    defense = _check_request(method, params, probe_given=probe is not None, probe_target=probe_target,
+                             holdout_fraction=holdout_fraction)
+    _check_probe_target(probe_target, spec.num_classes)
 
     generator = seed_everything(seed)
     dev = pick_device(device)
@@ -199,9 +253,6 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
                      on_step=lambda f: bar.emit("evaluate_after", _BEFORE + _DEFENSE + 0.09 * f))
     t_after = time.perf_counter() - t0
 
-    bar.emit("save", 0.99)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    sha256 = save_model(result.model, out_path, spec=spec, metadata={"nba_method": method, "nba_seed": str(seed)})
     report = {
         "kind": "nba-sanitize-report",
         "note": "NBA as reconstructed from the published abstract (Ying & Wu, 2023); see README.",
@@ -222,10 +273,6 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
                    "stages": result.stage_seconds},
         "defense_info": result.info,
         "log": result.log,
-        "output": {"path": str(out_path), "sha256": sha256},
     }
     report = json.loads(json.dumps(report, default=_json_default))  # plain JSON types only
-    if report_path:
-        write_json_atomic(report_path, report)
-    bar.emit("done", 1.0)
-    return report
+    return SanitizeOutcome(model=result.model, report=report)
