@@ -396,9 +396,10 @@ def register(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The whole `nba` CLI: the library's commands plus this module's (whether or not entry points are installed)."""
-    from nba_core.cli import main as library_main
+    from app import cli as this_module  # under `python -m app.cli` this file is __main__: use the importable one,
+    from nba_core.cli import main as library_main  # the object the nba.commands entry point loads (no duplicate)
 
-    return library_main(argv, extra_groups=[register])
+    return library_main(argv, extra_groups=[this_module.register])
 
 
 if __name__ == "__main__":

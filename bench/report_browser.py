@@ -2,7 +2,7 @@
 
     python -m bench.report_browser            # or: make check-report-browser
 
-Trains a small backdoored digits model, starts the embedded service, runs an FT job through the client, asks for
+Trains a small backdoored digits model, starts the embedded service, runs an NBA job through the client, asks for
 a signed report link and opens it in headless Chromium WITHOUT the API key, the way a user's browser would. It
 checks the rendered page (title, metric table, inlined plots) and writes the screenshot to
 docs/report-in-browser.png. Exit status 0 when the page rendered as expected.
@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_healthy(url, proc)
             key = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "browser-check", "--data-dir",
                                   str(service)], env=env, check=True, capture_output=True, text=True).stdout.split()[-1]
-            job = sanitize(url, key, model=work / "model.safetensors", data=work / "clean.npz", method="ft",
-                           params={"epochs": 3}, probe=work / "probe.npz", probe_target=run.attack.target,
-                           timeout=600)
+            job = sanitize(url, key, model=work / "model.safetensors", data=work / "clean.npz", method="nba",
+                           probe=work / "probe.npz", probe_target=run.attack.target, timeout=1800,
+                           class_names=["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                        "nine"])
             assert job["status"] == "succeeded", job.get("error")
             from nba_core.client import NBAClient
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=30)
     checks = {"title": f"job {job['id']}" in dom, "metric table": "clean accuracy" in dom and "</table>" in dom,
+              "class names": "<td>seven</td>" in dom,
               "plots inlined": dom.count("data:image/png;base64,") >= 1, "no error page": "link_" not in dom}
     for name, ok in checks.items():
         print(f"  {'ok ' if ok else 'FAIL'} {name}")

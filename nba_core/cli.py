@@ -184,7 +184,7 @@ def command_groups(extra=()) -> list:
         except Exception as e:  # a broken add-on must not take the library's own commands down with it
             print(f"nba: commands from {ep.value} are unavailable ({type(e).__name__}: {e})", file=sys.stderr)
             continue
-        if register not in groups:
+        if register not in groups:  # the same function given in `extra` and advertised: add it once
             groups.append(register)
     return groups
 
