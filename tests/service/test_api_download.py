@@ -125,7 +125,7 @@ def test_report_json_and_fallback_html(http, client, finished_job) -> None:
     assert client.get_report(finished_job["id"]) == REPORT
     resp = http.get(f"/v1/jobs/{finished_job['id']}/report", headers={"Accept": "text/html"})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
-    assert "attack_success_rate" in resp.text and "0.0300" in resp.text
+    assert "attack success rate" in resp.text and "3.00 %" in resp.text  # the one renderer, without plots
     assert client.get_report(finished_job["id"], html=True) == resp.text
     # Accept preferring JSON → JSON.
     resp = http.get(f"/v1/jobs/{finished_job['id']}/report", headers={"Accept": "application/json, text/html"})
