@@ -125,7 +125,8 @@ def test_report_json_and_fallback_html(http, client, finished_job) -> None:
     assert client.get_report(finished_job["id"]) == REPORT
     resp = http.get(f"/v1/jobs/{finished_job['id']}/report", headers={"Accept": "text/html"})
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
-    assert "attack success rate" in resp.text and "3.00 %" in resp.text  # the one renderer, without plots
+    # The one report renderer shows the stored metrics as percentages, before and after.
+    assert "97.00 %" in resp.text and "3.00 %" in resp.text and "88.00 %" in resp.text
     assert client.get_report(finished_job["id"], html=True) == resp.text
     # Accept preferring JSON → JSON.
     resp = http.get(f"/v1/jobs/{finished_job['id']}/report", headers={"Accept": "application/json, text/html"})
