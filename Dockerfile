@@ -18,7 +18,12 @@ RUN pip install '.[api]' ./service
 USER nba
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz')" || exit 1
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# uvloop + httptools (uvicorn[standard]): the plain asyncio loop never sets TCP_NODELAY with --workers (each
+# keep-alive request then waits for a delayed ACK). Two processes for two cores; idle keep-alives close after
+# 5 s; slow headers/bodies are cut by the proxy (deploy/nginx.conf) and NBA_BODY_READ_TIMEOUT.
+CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", \
+     "--forwarded-allow-ips", "*", "--loop", "uvloop", "--http", "httptools", "--workers", "2", \
+     "--timeout-keep-alive", "5", "--limit-concurrency", "1000", "--backlog", "2048", "--no-access-log"]
 
 # --- worker: the library with torch -------------------------------------------------------------------------------
 FROM base AS worker

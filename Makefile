@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-core test-service bench bench-quick check-report-browser clean
+.PHONY: setup demo test test-core test-service bench bench-quick fuzz check-report-browser clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ test-core: setup
 
 test-service: setup
 	$(VENV)/bin/pytest -q tests/service
+
+# Longer random fuzzing than the suite's bounded run (tests/service/test_schemathesis.py): every operation of a
+# running server (NBA_URL, NBA_API_KEY), failing on any 5xx. Start one with `nba serve` and `nba keys create fuzz`.
+NBA_URL ?= http://127.0.0.1:8000
+fuzz: setup
+	$(VENV)/bin/schemathesis run $(NBA_URL)/v1/openapi.json --checks not_a_server_error \
+		--max-examples 200 --max-time 600 -H "Authorization: Bearer $(NBA_API_KEY)"
 
 bench: setup
 	$(PY) -m bench.run

@@ -11,8 +11,10 @@ from fastapi.responses import RedirectResponse
 from fastapi_offline import FastAPIOffline
 
 from app.api import routes_artifacts, routes_health, routes_jobs, routes_reports
+from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import ServiceState
 from app.api.errors import install_error_handlers
+from app.api.quotas import Quotas
 from app.core.db import session_factory
 from app.core.settings import Settings
 from app.core.storage import store_from_settings
@@ -69,15 +71,34 @@ def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], Non
     # under /v1/docs-assets instead of a CDN, so the docs render on an air-gapped machine.
     app = FastAPIOffline(title="NBA sanitization service", version="1", description=DESCRIPTION,
                          openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url="/v1/redoc",
-                         static_url="/v1/docs-assets")
+                         static_url="/v1/docs-assets", lifespan=_lifespan(settings))
     for old, new in (("/docs", "/v1/docs"), ("/openapi.json", "/v1/openapi.json"), ("/redoc", "/v1/redoc")):
         app.add_api_route(old, _redirect_to(new), include_in_schema=False)
     app.state.nba = ServiceState(settings=settings, sessions=session_factory(settings),
                                  store=store_from_settings(settings),
-                                 enqueue=enqueue or celery_enqueuer(settings))
+                                 enqueue=enqueue or celery_enqueuer(settings), quotas=Quotas(settings))
     install_error_handlers(app)
+    # Outermost: body size and body stall limits act before routing, JSON parsing and authentication.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes,
+                       read_timeout=settings.body_read_timeout)
     app.include_router(routes_health.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_reports.router)
+    if settings.bench_endpoints:
+        app.include_router(routes_health.bench_router)
     return app
+
+
+def _lifespan(settings: Settings):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        # The threadpool is this process's concurrency for blocking work; the DB pool has as many connections.
+        from anyio import to_thread
+
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
+    return lifespan

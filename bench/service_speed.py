@@ -1,13 +1,19 @@
 """Service speed against the real stack on loopback: a fresh Postgres database (dropped at the end), Redis db 14
 as the broker, a local artifact store in a temporary folder, uvicorn API subprocesses and a Celery worker.
 
-Measures
-1. upload throughput of a 1 GiB safetensors streamed by the client (generated on the fly, never held in memory)
-   and the API process's peak RSS (VmHWM) before/after: the upload path must stay constant-memory;
-2. GET /v1/jobs/{id} polls per second and latency percentiles under N concurrent keep-alive connections (wrk when
-   installed, else an asyncio httpx load generator in a separate process), for 1 and 2 uvicorn processes;
-3. a tiny real job's end-to-end overhead beyond compute: POST /v1/jobs → status succeeded as seen by a polling
+Measures, each against a reference measured in the same run (speed is reported as a ratio):
+1. a 1 GiB upload (an uncompressed tar of image-named members, streamed from a file by curl) against an fsync'd
+   copy of the same file on the same disk, and the API process's peak RSS (VmHWM): the upload path must stay
+   constant-memory (target: >= 0.8x the copy, RSS <= 300 MB);
+2. GET /v1/jobs/{id} polls per second and latency percentiles under N keep-alive connections (wrk), next to two
+   ceilings served by the same processes with the same settings: a constant-JSON endpoint (no thread, no DB) and
+   a one-SELECT-by-primary-key endpoint (one thread hop, one pooled query); enabled by NBA_BENCH_ENDPOINTS=1,
+   off by default (targets: >= 1,500 req/s, p99 <= 50 ms, >= 0.8x the one-SELECT ceiling);
+3. a 200 MB download (GET /v1/jobs/{id}/model, curl to /dev/null) against `cat` of the stored file (>= 0.5x);
+4. a tiny real job's end-to-end overhead beyond compute: POST /v1/jobs → status succeeded as seen by a polling
    client, minus the pipeline's own report["timing"]["total_seconds"] (= queue + fetch/load + save + DB).
+
+The API runs as production does (Dockerfile): uvicorn --loop uvloop --http httptools, 2 processes for polls.
 
 `python -m bench.service_speed` writes docs/benchmarks/service_speed.{json,md}.
 """
@@ -40,7 +46,10 @@ PG_BASE = os.environ.get("NBA_BENCH_PG_BASE", "postgresql+psycopg://postgres@127
 REDIS_URL = os.environ.get("NBA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 GIB = 1024**3
-UPLOAD_BYTES = GIB
+UPLOAD_MEMBERS = 256
+UPLOAD_MEMBER_BYTES = 4 * 1024**2
+UPLOAD_BYTES = UPLOAD_MEMBERS * (512 + UPLOAD_MEMBER_BYTES) + 1024  # ~1 GiB tar
+DOWNLOAD_BYTES = 200 * 1000**2
 UPLOAD_CHUNK = 1024 * 1024
 SAFETENSORS_HEADER_BYTES = 128  # JSON header padded with spaces to this length (a multiple of 8)
 POLL_SECONDS = 20
@@ -151,8 +160,10 @@ def start_api(env: dict[str, str], log_dir: Path, workers: int = 1, timeout: flo
     import httpx
 
     port = free_port()
+    # The production command line (Dockerfile), on loopback.
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log", "--workers", str(workers)]
+           "--port", str(port), "--log-level", "warning", "--no-access-log", "--workers", str(workers),
+           "--loop", "uvloop", "--http", "httptools", "--timeout-keep-alive", "5"]
     p = _spawn(cmd, env, log_dir / f"uvicorn-{port}.log")
     api = Api(p.proc, p.log_path, url=f"http://127.0.0.1:{port}", workers=workers)
     deadline = time.monotonic() + timeout
@@ -204,8 +215,7 @@ def make_key(db_url: str) -> str:
 # ----------------------------------------------------------------------------------------- 1. big upload
 
 def safetensors_head(total: int) -> tuple[bytes, int]:
-    """Length prefix + header of a file of exactly `total` bytes holding one F32 tensor "blob" of zeros. The API
-    only checks the header's structure; matching tensor names to the architecture is the worker's job."""
+    """Length prefix + header of a file of exactly `total` bytes holding one F32 tensor "blob" of zeros."""
     n_bytes = total - 8 - SAFETENSORS_HEADER_BYTES
     assert n_bytes % 4 == 0
     header = json.dumps({"blob": {"dtype": "F32", "shape": [n_bytes // 4], "data_offsets": [0, n_bytes]}},
@@ -214,38 +224,112 @@ def safetensors_head(total: int) -> tuple[bytes, int]:
     return SAFETENSORS_HEADER_BYTES.to_bytes(8, "little") + header, n_bytes
 
 
-def zero_chunks(head: bytes, n_bytes: int) -> Iterator[bytes]:
-    yield head
-    zeros = bytes(UPLOAD_CHUNK)
-    left = n_bytes
-    while left:
-        piece = zeros if left >= UPLOAD_CHUNK else zeros[:left]
-        left -= len(piece)
-        yield piece
+def write_upload_file(path: Path) -> None:
+    """An uncompressed tar of UPLOAD_MEMBERS class-folder members (random bytes named .png: the upload check
+    reads headers only), ~1 GiB. Random, so nothing on the way can compress or deduplicate it."""
+    import tarfile
+
+    rng = os.urandom
+    with open(path, "wb") as f:
+        for i in range(UPLOAD_MEMBERS):
+            info = tarfile.TarInfo(f"{i % 10}/{i}.png")
+            info.size = UPLOAD_MEMBER_BYTES
+            f.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+            f.write(rng(UPLOAD_MEMBER_BYTES))
+        f.write(bytes(1024))
+    assert path.stat().st_size == UPLOAD_BYTES
 
 
-def bench_upload(api: Api, key: str, store_root: Path) -> dict[str, Any]:
-    from app.client import NBAClient
-
-    pid = api.serving_pids()[0]
-    before = {"vmhwm_kb": proc_status_kb(pid, "VmHWM"), "vmrss_kb": proc_status_kb(pid, "VmRSS")}
-    head, n_bytes = safetensors_head(UPLOAD_BYTES)
+def fsynced_copy_seconds(src: Path, dest: Path, chunk: int = 4 * 1024**2) -> float:
+    """The reference: copy the same file on the same disk, 4 MiB at a time, fsync at the end (what a stored
+    upload costs at minimum: read it, write it, make it durable)."""
     t0 = time.perf_counter()
-    with NBAClient(api.url, key, timeout=600) as client:
-        out = client.upload_stream("/v1/models", zero_chunks(head, n_bytes), UPLOAD_BYTES,
-                                   filename="blob.safetensors", fields={"spec": json.dumps(DIGITS_SPEC)})
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while data := fin.read(chunk):
+            fout.write(data)
+        fout.flush()
+        os.fsync(fout.fileno())
     seconds = time.perf_counter() - t0
-    after = {"vmhwm_kb": proc_status_kb(pid, "VmHWM"), "vmrss_kb": proc_status_kb(pid, "VmRSS")}
-    # 1 GiB of zeros: delete the stored object now (the database goes at the end anyway).
+    dest.unlink()
+    return seconds
+
+
+def curl(args: list[str], timeout: float = 600) -> dict[str, Any]:
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", *args],
+                         capture_output=True, text=True, timeout=timeout, check=True).stdout.split()
+    return {"status": int(out[0]), "seconds": float(out[1])}
+
+
+def bench_upload(api: Api, key: str, store_root: Path, tmp: Path) -> dict[str, Any]:
     from app.core.storage import LocalStore, content_key
 
-    LocalStore(store_root).delete(content_key(out["sha256"]))
-    assert out["size_bytes"] == UPLOAD_BYTES, out
+    src = tmp / "upload.tar"
+    write_upload_file(src)
+    subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # both runs read from page cache
+    copy_s = min(fsynced_copy_seconds(src, tmp / "copy.tar") for _ in range(2))
+    pid = api.serving_pids()[0]
+    before = {"vmhwm_kb": proc_status_kb(pid, "VmHWM"), "vmrss_kb": proc_status_kb(pid, "VmRSS")}
+    _loopback_only(api.url)
+    res = curl(["-X", "POST", "-H", f"Authorization: Bearer {key}", "-F", f"file=@{src};filename=upload.tar",
+                f"{api.url}/v1/datasets"])
+    after = {"vmhwm_kb": proc_status_kb(pid, "VmHWM"), "vmrss_kb": proc_status_kb(pid, "VmRSS")}
+    assert res["status"] == 201, res
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(src, "rb") as f:
+        while data := f.read(4 * 1024**2):
+            digest.update(data)
+    LocalStore(store_root).delete(content_key(digest.hexdigest()))
+    src.unlink()
+    seconds = res["seconds"]
     return {"bytes": UPLOAD_BYTES, "seconds": seconds, "mb_per_s": UPLOAD_BYTES / seconds / 1e6,
-            "mib_per_s": UPLOAD_BYTES / seconds / 2**20, "server_pid_memory_before": before,
-            "server_pid_memory_after": after, "peak_rss_mb": after["vmhwm_kb"] / 1024,
-            "peak_rss_target_mb": 300, "within_target": after["vmhwm_kb"] < 300 * 1024,
-            "details": out.get("details")}
+            "reference": "fsync'd 4 MiB-chunk copy of the same file, same disk (best of 2)",
+            "reference_seconds": copy_s, "reference_mb_per_s": UPLOAD_BYTES / copy_s / 1e6,
+            "ratio": copy_s / seconds, "ratio_target": 0.8,
+            "server_pid_memory_before": before, "server_pid_memory_after": after,
+            "peak_rss_mb": after["vmhwm_kb"] / 1024, "peak_rss_target_mb": 300,
+            "within_target": after["vmhwm_kb"] < 300 * 1024}
+
+
+def bench_download(api: Api, key: str, db_url: str, store_root: Path, tmp: Path, job_id: str) -> dict[str, Any]:
+    """200 MB through GET /v1/jobs/{id}/model (a succeeded placeholder job whose result is a 200 MB object)
+    against `cat` of the stored file; both from page cache, best of 3."""
+    from sqlalchemy import update
+
+    from app.core.db import session_factory
+    from app.core.models import Artifact, Job, utcnow
+    from app.core.storage import LocalStore
+
+    src = tmp / "result.bin"
+    with open(src, "wb") as f:
+        for _ in range(DOWNLOAD_BYTES // (4 * 10**6)):
+            f.write(os.urandom(4 * 10**6))
+    stored = LocalStore(store_root).put_file(src)
+    src.unlink()
+    with session_factory(db_url)() as session:
+        job = session.get(Job, job_id)
+        art = Artifact(owner_id=job.owner_id, kind="result", sha256=stored.sha256, size_bytes=stored.size,
+                       storage_key=stored.key, filename="result.safetensors", format="safetensors",
+                       created_at=utcnow())
+        session.add(art)
+        session.flush()
+        session.execute(update(Job).where(Job.id == job_id).values(status="succeeded", result_id=art.id))
+        session.commit()
+    path = LocalStore(store_root).path_for(stored.key)
+    cat_s = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+        cat_s.append(time.perf_counter() - t0)
+    _loopback_only(api.url)
+    runs = [curl(["-H", f"Authorization: Bearer {key}", f"{api.url}/v1/jobs/{job_id}/model"]) for _ in range(3)]
+    assert all(r["status"] == 200 for r in runs), runs
+    best, ref = min(r["seconds"] for r in runs), min(cat_s)
+    return {"bytes": stored.size, "seconds": best, "mb_per_s": stored.size / best / 1e6,
+            "reference": "cat of the stored file to /dev/null (best of 3)", "reference_seconds": ref,
+            "reference_mb_per_s": stored.size / ref / 1e6, "ratio": ref / best, "ratio_target": 0.5,
+            "client": "curl -o /dev/null (best of 3)"}
 
 
 # ------------------------------------------------------------------------------------------- 2. status polls
@@ -326,10 +410,19 @@ def run_httpx_loadgen(url: str, key: str, seconds: int, connections: int) -> dic
 
 def bench_polls(api: Api, key: str, job_id: str, tmp: Path, seconds: int = POLL_SECONDS,
                 connections: int = POLL_CONNECTIONS) -> dict[str, Any]:
-    url = f"{api.url}/v1/jobs/{job_id}"
-    result = (run_wrk(url, key, seconds, connections, tmp) if shutil.which("wrk")
-              else run_httpx_loadgen(url, key, seconds, connections))
-    return {"uvicorn_processes": api.workers, "connections": connections, **result}
+    """The poll and its two ceilings, same processes, same settings, one after the other (poll in the middle)."""
+    out: dict[str, Any] = {"uvicorn_processes": api.workers, "connections": connections}
+    targets = {"constant_json": "/v1/_bench/constant", "poll": f"/v1/jobs/{job_id}",
+               "one_select": f"/v1/_bench/select/{job_id}"}
+    for name, path in targets.items():
+        url = api.url + path
+        out[name] = (run_wrk(url, key, seconds, connections, tmp) if shutil.which("wrk")
+                     else run_httpx_loadgen(url, key, seconds, connections))
+    poll = out["poll"]["requests_per_s"]
+    out["poll_vs_one_select"] = poll / out["one_select"]["requests_per_s"]
+    out["poll_vs_constant_json"] = poll / out["constant_json"]["requests_per_s"]
+    out["targets"] = {"poll_req_per_s": 1500, "poll_p99_ms": 50, "poll_vs_one_select": 0.8}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- 3. job overhead
@@ -413,15 +506,17 @@ def run_all(poll_seconds: int = POLL_SECONDS, e2e_runs: int = E2E_RUNS) -> dict[
         stack.callback(flush_redis)
         store_root = tmp / "artifacts"
         env = {"NBA_DATA_DIR": str(tmp / "data"), "NBA_DATABASE_URL": db_url, "NBA_BROKER_URL": REDIS_URL,
-               "NBA_STORAGE_URL": f"file://{store_root}", "NBA_MAX_MODEL_BYTES": str(UPLOAD_BYTES + GIB // 4),
-               "NBA_DEVICE": "cpu"}
+               "NBA_STORAGE_URL": f"file://{store_root}", "NBA_MAX_DATASET_BYTES": str(UPLOAD_BYTES + GIB // 4),
+               "NBA_DEVICE": "cpu", "NBA_BENCH_ENDPOINTS": "1", "NBA_MIN_FREE_BYTES": str(256 * 1024**2)}
         key = make_key(db_url)
 
         _log("API with 1 process: 1 GiB upload")
         api1 = start_api(env, tmp, workers=1)
         stack.callback(api1.stop)
-        results["upload"] = bench_upload(api1, key, store_root)
-        _log(f"upload: {results['upload']['mb_per_s']:.0f} MB/s, peak RSS {results['upload']['peak_rss_mb']:.0f} MB")
+        results["upload"] = bench_upload(api1, key, store_root, tmp)
+        up = results["upload"]
+        _log(f"upload: {up['mb_per_s']:.0f} MB/s vs fsync'd copy {up['reference_mb_per_s']:.0f} MB/s "
+             f"({up['ratio']:.2f}x), peak RSS {up['peak_rss_mb']:.0f} MB")
 
         # A placeholder job to poll: no worker runs yet, so it stays queued.
         from app.client import NBAClient
@@ -433,27 +528,30 @@ def run_all(poll_seconds: int = POLL_SECONDS, e2e_runs: int = E2E_RUNS) -> dict[
             inputs = make_digits_inputs(tmp)
             data = client.upload_dataset(inputs["clean"])
             poll_job = client.create_job(model["id"], data["id"], "ft", {"epochs": 1})
-
-        _log("polls, 1 uvicorn process")
-        results["polls"] = [bench_polls(api1, key, poll_job["id"], tmp, poll_seconds)]
         api1.stop()
-        _log("polls, 2 uvicorn processes")
+
+        _log("polls and ceilings, 2 uvicorn processes")
         api2 = start_api(env, tmp, workers=2)
         stack.callback(api2.stop)
-        results["polls"].append(bench_polls(api2, key, poll_job["id"], tmp, poll_seconds))
-        for p in results["polls"]:
-            _log(f"polls x{p['uvicorn_processes']}: {p['requests_per_s']:.0f} req/s, "
-                 f"p99 {p['latency_ms']['p99']:.1f} ms, errors {p['errors']}")
+        p = bench_polls(api2, key, poll_job["id"], tmp, poll_seconds)
+        results["polls"] = p
+        _log(f"polls: {p['poll']['requests_per_s']:.0f} req/s p99 {p['poll']['latency_ms']['p99']:.1f} ms; "
+             f"one-SELECT {p['one_select']['requests_per_s']:.0f}; constant {p['constant_json']['requests_per_s']:.0f}"
+             f" -> {p['poll_vs_one_select']:.2f}x / {p['poll_vs_constant_json']:.2f}x")
 
-        # The placeholder must never reach the worker: cancel it and drop its task message.
-        with NBAClient(api2.url, key) as client:
-            client.cancel_job(poll_job["id"])
+        # The placeholder must never reach the worker: drop its task message, then make it a finished job with a
+        # 200 MB result to download.
         flush_redis()
-        _log("Celery worker: end-to-end jobs")
-        worker = start_worker(env, tmp)
-        stack.callback(worker.stop)
-        results["jobs"] = bench_jobs(api2, key, inputs, e2e_runs)
-        _log(f"jobs: overhead median {results['jobs']['warm']['overhead_seconds']['median']:.2f} s")
+        results["download"] = bench_download(api2, key, db_url, store_root, tmp, poll_job["id"])
+        d = results["download"]
+        _log(f"download: {d['mb_per_s']:.0f} MB/s vs cat {d['reference_mb_per_s']:.0f} MB/s ({d['ratio']:.2f}x)")
+
+        if e2e_runs > 0:
+            _log("Celery worker: end-to-end jobs")
+            worker = start_worker(env, tmp)
+            stack.callback(worker.stop)
+            results["jobs"] = bench_jobs(api2, key, inputs, e2e_runs)
+            _log(f"jobs: overhead median {results['jobs']['warm']['overhead_seconds']['median']:.2f} s")
     results["load_average_end"] = os.getloadavg()
     results["bench_seconds"] = time.perf_counter() - started
     return results
@@ -464,54 +562,73 @@ def configuration() -> dict[str, Any]:
 
     return {"postgres": "127.0.0.1:5432, fresh temporary database (alembic head), dropped at the end",
             "redis": REDIS_URL, "storage": "LocalStore in a temporary folder (same disk)",
-            "api": f"uvicorn {uvicorn.__version__} (asyncio loop, h11; no uvloop/httptools installed), "
-                   "--no-access-log; 1 process for the upload, 1 and 2 processes (--workers) for polls, "
-                   "2 for the jobs",
+            "api": f"uvicorn {uvicorn.__version__} --loop uvloop --http httptools --no-access-log "
+                   "--timeout-keep-alive 5 (the Dockerfile's settings); 1 process for the upload, 2 (--workers) "
+                   "for polls, ceilings, download and jobs; NBA_BENCH_ENDPOINTS=1 adds the two ceilings",
             "worker": "celery prefork, --concurrency=1, OMP_NUM_THREADS=1, NBA_DEVICE=cpu",
             "load_generator": "wrk -t1" if shutil.which("wrk") else "httpx asyncio in a separate process",
+            "upload_download_client": "curl (file upload with -F, download to /dev/null)",
             "cpus": os.cpu_count(), "note": "2 shared cores: client, load generator, API, worker, Postgres and "
                                             "Redis all run on the same machine alongside other work"}
 
 
 def write_markdown(data: dict[str, Any], path: Path) -> None:
-    up, jobs, cfg = data["upload"], data["jobs"], data["configuration"]
-    la = data["load_average_start"]
+    up, dl, polls, cfg = data["upload"], data["download"], data["polls"], data["configuration"]
+    la, lb = data["load_average_start"], data["load_average_end"]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
     lines = [
         "# Service speed", "",
         f"Generated by `python -m bench.service_speed` at {data['provenance']['when']} "
         f"(commit {str(data['provenance']['commit'])[:10]}{', dirty tree' if data['provenance']['dirty'] else ''}).",
-        f"Machine: {cfg['cpus']} CPUs, load average at start {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} "
-        "(other work shares the cores; numbers are lower bounds for an idle machine).", "",
+        f"Machine: {cfg['cpus']} CPUs, load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} at start, "
+        f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f} at the end (other work shares the cores; absolute numbers are "
+        "lower bounds for an idle machine, ratios are against references measured in the same run).", "",
         "## Configuration", "",
         *[f"- {k}: {v}" for k, v in cfg.items()], "",
-        "## 1 GiB model upload (POST /v1/models, streamed, header-only check)", "",
-        "| bytes | seconds | MB/s | server VmHWM before | after (peak) | target |",
-        "|---|---|---|---|---|---|",
-        f"| {up['bytes']} | {up['seconds']:.1f} | {up['mb_per_s']:.0f} | "
-        f"{up['server_pid_memory_before']['vmhwm_kb'] / 1024:.0f} MB | {up['peak_rss_mb']:.0f} MB | "
-        f"< {up['peak_rss_target_mb']} MB ({'met' if up['within_target'] else 'MISSED'}) |", "",
-        f"## GET /v1/jobs/{{id}} polls ({data['polls'][0]['connections']} keep-alive connections, "
-        f"{data['polls'][0]['seconds']:.0f} s each)", "",
-        "| uvicorn processes | requests | errors | req/s | p50 ms | p95 ms | p99 ms | max ms |",
-        "|---|---|---|---|---|---|---|---|",
-        *[f"| {p['uvicorn_processes']} | {p['requests']} | {p['errors']} | {p['requests_per_s']:.0f} | "
-          f"{p['latency_ms']['p50']:.1f} | {p['latency_ms']['p95']:.1f} | {p['latency_ms']['p99']:.1f} | "
-          f"{p['latency_ms']['max']:.1f} |" for p in data["polls"]], "",
-        f"## Job end-to-end overhead (ft, epochs=1, {jobs['model']}; {len(jobs['warm_runs'])} warm runs "
-        "after one cold run)", "",
-        "Overhead = POST /v1/jobs → `succeeded` seen by a client polling every 20 ms, minus the pipeline's own "
-        "`report.timing.total_seconds`: queueing, fetching inputs, loading, saving/uploading outputs, DB updates.",
-        "",
-        "| | wall s | pipeline s | overhead s | queue s (row) | worker claim→finish s (row) |",
-        "|---|---|---|---|---|---|",
-        f"| cold (first job of the pool child) | {jobs['cold']['wall_seconds']:.2f} | "
-        f"{jobs['cold']['pipeline_seconds']:.2f} | {jobs['cold']['overhead_seconds']:.2f} | "
-        f"{jobs['cold']['queue_seconds']:.2f} | {jobs['cold']['worker_seconds']:.2f} |",
-        *[f"| warm {stat} | {jobs['warm']['wall_seconds'][stat]:.2f} | {jobs['warm']['pipeline_seconds'][stat]:.2f} | "
-          f"{jobs['warm']['overhead_seconds'][stat]:.2f} | {jobs['warm']['queue_seconds'][stat]:.2f} | "
-          f"{jobs['warm']['worker_seconds'][stat]:.2f} |" for stat in ("median", "max")], "",
-        f"Whole benchmark: {data['bench_seconds']:.0f} s.", "",
+        "## GET /v1/jobs/{id} polls next to two ceilings "
+        f"({polls['connections']} keep-alive connections, {polls['uvicorn_processes']} processes, "
+        f"{polls['poll']['seconds']:.0f} s each)", "",
+        "| endpoint | requests | errors | req/s | p50 ms | p95 ms | p99 ms | max ms | poll / this |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {name} | {polls[name]['requests']} | {polls[name]['errors']} | {polls[name]['requests_per_s']:.0f} | "
+          f"{polls[name]['latency_ms']['p50']:.1f} | {polls[name]['latency_ms']['p95']:.1f} | "
+          f"{polls[name]['latency_ms']['p99']:.1f} | {polls[name]['latency_ms']['max']:.1f} | "
+          f"{polls['poll']['requests_per_s'] / polls[name]['requests_per_s']:.2f} |"
+          for name in ("constant_json", "one_select", "poll")], "",
+        f"Targets: >= 1,500 req/s ({met(polls['poll']['requests_per_s'] >= 1500)}), p99 <= 50 ms "
+        f"({met(polls['poll']['latency_ms']['p99'] <= 50)}), >= 0.8x the one-SELECT ceiling "
+        f"({polls['poll_vs_one_select']:.2f}x, {met(polls['poll_vs_one_select'] >= 0.8)}).", "",
+        "## ~1 GiB upload (POST /v1/datasets, an uncompressed tar streamed by curl) vs an fsync'd copy", "",
+        "| bytes | upload s | upload MB/s | copy MB/s | ratio | API VmHWM before | after (peak) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {up['bytes']} | {up['seconds']:.2f} | {up['mb_per_s']:.0f} | {up['reference_mb_per_s']:.0f} | "
+        f"{up['ratio']:.2f} | {up['server_pid_memory_before']['vmhwm_kb'] / 1024:.0f} MB | "
+        f"{up['peak_rss_mb']:.0f} MB |", "",
+        f"Targets: >= 0.8x the copy ({met(up['ratio'] >= 0.8)}), API RSS <= 300 MB ({met(up['within_target'])}).", "",
+        "## 200 MB download (GET /v1/jobs/{id}/model, curl to /dev/null) vs `cat` of the stored file", "",
+        "| bytes | download s | MB/s | cat MB/s | ratio |", "|---|---|---|---|---|",
+        f"| {dl['bytes']} | {dl['seconds']:.3f} | {dl['mb_per_s']:.0f} | {dl['reference_mb_per_s']:.0f} | "
+        f"{dl['ratio']:.2f} |", "",
+        f"Target: >= 0.5x cat ({met(dl['ratio'] >= 0.5)}).", "",
     ]
+    jobs = data.get("jobs")
+    if jobs:
+        lines += [
+            f"## Job end-to-end overhead (ft, epochs=1, {jobs['model']}; {len(jobs['warm_runs'])} warm runs "
+            "after one cold run)", "",
+            "| | wall s | pipeline s | overhead s | queue s (row) | worker claim→finish s (row) |",
+            "|---|---|---|---|---|---|",
+            f"| cold | {jobs['cold']['wall_seconds']:.2f} | {jobs['cold']['pipeline_seconds']:.2f} | "
+            f"{jobs['cold']['overhead_seconds']:.2f} | {jobs['cold']['queue_seconds']:.2f} | "
+            f"{jobs['cold']['worker_seconds']:.2f} |",
+            *[f"| warm {stat} | {jobs['warm']['wall_seconds'][stat]:.2f} | "
+              f"{jobs['warm']['pipeline_seconds'][stat]:.2f} | {jobs['warm']['overhead_seconds'][stat]:.2f} | "
+              f"{jobs['warm']['queue_seconds'][stat]:.2f} | {jobs['warm']['worker_seconds'][stat]:.2f} |"
+              for stat in ("median", "max")], ""]
+    lines += [f"Whole benchmark: {data['bench_seconds']:.0f} s.", ""]
     path.write_text("\n".join(lines))
 
 

@@ -39,8 +39,11 @@ from .errors import (
     CHECKPOINT_UNSAFE,
     NBAError,
 )
+from .arch_budget import estimate
+from .errors import CHECKPOINT_TOO_LARGE
 from .models import SpecModel, build_model
-from .safetensors_header import SPEC_METADATA_KEY, check_safetensors_header, sniff_checkpoint_format
+from .safetensors_header import (SPEC_METADATA_KEY, check_pt_zip, check_safetensors_header, max_checkpoint_bytes,
+                                 sniff_checkpoint_format)
 from .spec import ModelSpec, parse_spec
 
 PathLike = str | os.PathLike
@@ -48,6 +51,8 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _ACCEPTED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SNIFF_BYTES = 64
+# Without a spec to size it from, a checkpoint may hold at most this many bytes of tensors.
+DEFAULT_MAX_CHECKPOINT_BYTES = 8 * 1024**3
 
 
 def _describe(keys: list[str], limit: int = 5) -> str:
@@ -57,12 +62,14 @@ def _describe(keys: list[str], limit: int = 5) -> str:
 
 # ----------------------------------------------------------------------------------------------------- reading
 
-def _read_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, size: int, max_bytes: int) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     with open(path, "rb") as f:
         check_safetensors_header(f, size)
+    if size > max_bytes:  # the header tiles the file exactly, so its size is the tensors' size
+        raise NBAError(CHECKPOINT_TOO_LARGE, f"the checkpoint is {size:,} bytes (limit {max_bytes:,} for this model)")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, ValueError, TypeError, RuntimeError, OSError) as e:
@@ -124,8 +131,9 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Read a state_dict (CPU tensors) from a safetensors or PyTorch file without running any pickled code."""
+def read_state_dict(path: PathLike, max_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES) -> dict[str, torch.Tensor]:
+    """Read a state_dict (CPU tensors) from a safetensors or PyTorch file without running any pickled code.
+    Tensors of more than `max_bytes` (declared sizes, inflated for zips) are refused before anything loads."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -135,8 +143,12 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise NBAError(CHECKPOINT_UNREADABLE, f"cannot read model file: {e.strerror}") from None
     fmt = sniff_checkpoint_format(head)
     if fmt == "safetensors":
-        state = _read_safetensors(path, size)
+        state = _read_safetensors(path, size, max_bytes)
     elif fmt in ("pt-zip", "pt-legacy"):
+        if fmt == "pt-zip":
+            check_pt_zip(str(path), size, max_bytes)
+        elif size > max_bytes:
+            raise NBAError(CHECKPOINT_TOO_LARGE, f"the checkpoint is {size:,} bytes (limit {max_bytes:,})")
         state = _unwrap(_read_torch(path, fmt))
         bad = [k for k, v in state.items() if v.layout != torch.strided or v.is_quantized]
         if bad:
@@ -207,8 +219,11 @@ def load_model(path: PathLike, spec: ModelSpec | dict | str) -> SpecModel:
     """Build the network the spec describes and load the weights at `path` into it (eval mode, CPU)."""
     if not isinstance(spec, ModelSpec):
         spec = parse_spec(spec)
+    sizes = estimate(spec.arch, spec.arch_params, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                     input_size=spec.input_size)
+    limit = max_checkpoint_bytes(sizes[0] if sizes else None, DEFAULT_MAX_CHECKPOINT_BYTES)
     model = build_model(spec)
-    state = conform_state_dict(read_state_dict(path), model)
+    state = conform_state_dict(read_state_dict(path, limit), model)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -38,6 +38,7 @@ CHECKPOINT_UNEXPECTED_KEYS = "checkpoint_unexpected_keys"
 CHECKPOINT_SHAPE_MISMATCH = "checkpoint_shape_mismatch"
 CHECKPOINT_DTYPE_MISMATCH = "checkpoint_dtype_mismatch"
 CHECKPOINT_NONFINITE = "checkpoint_nonfinite"
+CHECKPOINT_TOO_LARGE = "checkpoint_too_large"  # inflated or declared size beyond what the spec allows
 DATA_UNREADABLE = "data_unreadable"
 DATA_INVALID = "data_invalid"
 DATA_TOO_LARGE = "data_too_large"

@@ -142,3 +142,45 @@ def sniff_checkpoint_format(first_bytes: bytes) -> CheckpointFormat:
     if len(first_bytes) >= 2 and first_bytes[0] == 0x80 and 2 <= first_bytes[1] <= 5:
         return "pt-legacy"  # a bare pickle stream (PROTO opcode): the pre-1.6 torch.save format
     return "unknown"
+
+
+# torch.save writes its zip members uncompressed, so a PyTorch zip that inflates far beyond its own size is a
+# bomb, not a checkpoint. Below PT_RATIO_MIN_BYTES ratios are not judged (tiny models, small headers).
+PT_MAX_MEMBERS = 100_000
+PT_MAX_DIRECTORY_BYTES = 16 * 1024 * 1024
+PT_MAX_RATIO = 20.0
+PT_RATIO_MIN_BYTES = 4 * 1024 * 1024
+
+
+def check_pt_zip(path: str, size: int, max_inflated_bytes: int) -> int:
+    """Bound a zip-format PyTorch checkpoint from its central directory, before torch.load touches it: member
+    count and directory size (read by hand, before zipfile parses it), then the members' inflated sizes against
+    `max_inflated_bytes` and against the file's own size. Returns the inflated total; raises NBAError
+    (checkpoint_too_large / checkpoint_unreadable)."""
+    import zipfile
+
+    from .errors import CHECKPOINT_TOO_LARGE
+    from .zip_bounds import check_zip_directory
+
+    check_zip_directory(path, size, max_members=PT_MAX_MEMBERS, max_directory_bytes=PT_MAX_DIRECTORY_BYTES,
+                        too_large=CHECKPOINT_TOO_LARGE, unreadable=CHECKPOINT_UNREADABLE)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            inflated = sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, struct.error) as e:
+        raise NBAError(CHECKPOINT_UNREADABLE, f"the PyTorch zip file is corrupt: {e}") from None
+    if inflated > max_inflated_bytes:
+        raise NBAError(CHECKPOINT_TOO_LARGE, f"the checkpoint inflates to {inflated:,} bytes (limit "
+                       f"{max_inflated_bytes:,} for this model)")
+    if inflated > PT_RATIO_MIN_BYTES and inflated > PT_MAX_RATIO * max(size, 1):
+        raise NBAError(CHECKPOINT_TOO_LARGE, f"the checkpoint inflates {inflated / max(size, 1):.0f}-fold "
+                       f"(limit {PT_MAX_RATIO:.0f}): refused as a decompression bomb")
+    return inflated
+
+
+def max_checkpoint_bytes(parameter_estimate: int | None, default: int) -> int:
+    """What a checkpoint for a network of `parameter_estimate` parameters may hold: 8 bytes (fp64) per
+    parameter and buffer plus room for headers; `default` when the architecture has no estimate."""
+    if parameter_estimate is None:
+        return default
+    return 10 * parameter_estimate + 4 * 1024 * 1024  # 8 bytes each, +25 % for buffers (BatchNorm statistics)

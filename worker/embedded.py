@@ -69,15 +69,28 @@ def start_sweeper_thread(settings) -> threading.Event:
     from app.core.db import session_factory
 
     from .celery_app import enqueue_job
-    from .sweeper import run_sweeper
+    from .sweeper import backlog_from_settings, run_sweeper
 
     stop = threading.Event()
     thread = threading.Thread(
         target=run_sweeper, name="nba-sweeper", daemon=True,
         kwargs=dict(session_factory=session_factory(settings), enqueue=enqueue_job,
-                    interval=settings.sweep_interval, stale_after=settings.sweep_stale_after, stop=stop))
+                    interval=settings.sweep_interval, stale_after=settings.sweep_stale_after, stop=stop,
+                    backlog=backlog_from_settings(settings)))
     thread.start()
     return stop
+
+
+def server_options() -> dict:
+    """uvicorn settings for `nba serve`: uvloop/httptools when installed (uvicorn[standard]), idle keep-alives
+    closed after 5 s, a cap on concurrent connections. A laptop has no proxy in front; production uses one."""
+    import importlib.util
+
+    fast = importlib.util.find_spec("uvloop") is not None and importlib.util.find_spec("httptools") is not None
+    options = {"timeout_keep_alive": 5, "limit_concurrency": 1000, "backlog": 2048}
+    if fast:
+        options.update(loop="uvloop", http="httptools")
+    return options
 
 
 def _raise_system_exit(signum, _frame) -> None:
@@ -101,7 +114,8 @@ def serve(settings, *, host: str = "127.0.0.1", port: int = 8000, with_worker: b
     # uvicorn re-raises the signal that stopped it; turn SIGTERM into an exception so `finally` still runs.
     signal.signal(signal.SIGTERM, _raise_system_exit)
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info",
+                    **server_options())
     finally:
         stop_sweeper.set()
         if worker is not None:

@@ -6,6 +6,12 @@ died and its message was not redelivered. A job qualifies when it is
   - running with a heartbeat older than SWEEP_STALE_AFTER (and no enqueue within that time either).
 Running jobs whose attempts are used up are marked failed (too_many_attempts) instead of being re-enqueued.
 
+A job whose task message is still waiting in the broker (the queue, or Redis's `unacked` hash of messages a
+worker holds) is never re-sent: a long queue is not a lost message, and a running job whose worker holds its
+message is alive even if its heartbeat could not be written (a database outage longer than SWEEP_STALE_AFTER
+used to get such jobs re-sent to idle workers). Only when the broker cannot be inspected does the sweeper fall
+back to judging by time alone.
+
 Deployment: one `nba sweeper` process (a loop: sweep_once every SWEEP_INTERVAL seconds); `nba serve` runs the
 same loop in a thread. Several sweepers are harmless: the enqueued_at bump is a guarded UPDATE, and a duplicate
 message is a no-op because the worker's claim is atomic and finished jobs are skipped.
@@ -37,9 +43,59 @@ def _stale_conditions(cutoff: datetime):
     return stale_queued, stale_running
 
 
+def redis_backlog(broker_url: str, queue: str) -> Callable[[], bytes | None]:
+    """Raw bytes of every message waiting in the Redis queue (and its priority lists) or held unacked by a worker;
+    job ids are searched in them. None when Redis cannot be read."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+
+    def backlog() -> bytes | None:
+        try:
+            keys = [queue.encode()] + [k for k in client.scan_iter(match=f"{queue}\x06\x16*", count=100)]
+            parts = [m for k in keys for m in client.lrange(k, 0, -1)]
+            parts += client.hvals("unacked")
+            return b"\n".join(parts)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cannot inspect the broker (%s); judging by time alone", e)
+            return None
+
+    return backlog
+
+
+def folder_backlog(folder: str) -> Callable[[], bytes | None]:
+    """The same for the embedded filesystem broker: the message files waiting in its queue folder."""
+    import os
+
+    def backlog() -> bytes | None:
+        try:
+            parts = []
+            for name in os.listdir(folder):
+                with open(os.path.join(folder, name), "rb") as f:
+                    parts.append(f.read(1024 * 1024))
+            return b"\n".join(parts)
+        except OSError as e:
+            log.warning("cannot inspect the broker folder (%s); judging by time alone", e)
+            return None
+
+    return backlog
+
+
+def backlog_from_settings(settings) -> Callable[[], bytes | None]:
+    from .celery_app import QUEUE
+
+    if settings.embedded_broker:
+        return folder_backlog(settings.broker_transport_options()["data_folder_in"])
+    if str(settings.broker_url).startswith(("redis://", "rediss://")):
+        return redis_backlog(str(settings.broker_url), QUEUE)
+    return lambda: None
+
+
 def sweep_once(session_factory: SessionFactory, enqueue: Callable[[str], None], *, stale_after: float = 300,
-               now: datetime | None = None, limit: int = 500) -> list[str]:
-    """One pass; returns the ids of the jobs re-enqueued."""
+               now: datetime | None = None, limit: int = 500,
+               backlog: Callable[[], bytes | None] | None = None) -> list[str]:
+    """One pass; returns the ids of the jobs re-enqueued. `backlog()` gives the broker's waiting/unacked messages
+    (raw bytes): jobs named there still have their message and are skipped."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stale_after)
     stale_queued, stale_running = _stale_conditions(cutoff)
@@ -49,7 +105,10 @@ def sweep_once(session_factory: SessionFactory, enqueue: Callable[[str], None], 
             select(Job.id, Job.status, Job.attempts, Job.max_attempts)
             .where(or_(stale_queued, stale_running)).order_by(Job.created_at).limit(limit)
         ).all()
+        waiting = backlog() if (backlog is not None and rows) else None
         for job_id, status, attempts, max_attempts in rows:
+            if waiting is not None and job_id.encode() in waiting:
+                continue  # its message is still queued or held by a live worker: nothing was lost
             guard = and_(Job.id == job_id, stale_queued if status == "queued" else stale_running)
             if status == "running" and attempts >= max_attempts:
                 # The last allowed attempt died: settle it here rather than enqueue a message that would.
@@ -82,12 +141,13 @@ def sweep_once(session_factory: SessionFactory, enqueue: Callable[[str], None], 
 
 
 def run_sweeper(session_factory: SessionFactory, enqueue: Callable[[str], None], *, interval: float,
-                stale_after: float, stop: threading.Event | None = None) -> None:
+                stale_after: float, stop: threading.Event | None = None,
+                backlog: Callable[[], bytes | None] | None = None) -> None:
     """Loop until `stop` is set; errors in one pass (DB or broker down) are logged and the loop goes on."""
     stop = stop or threading.Event()
     while not stop.is_set():
         try:
-            sweep_once(session_factory, enqueue, stale_after=stale_after)
+            sweep_once(session_factory, enqueue, stale_after=stale_after, backlog=backlog)
         except Exception as e:
             log.warning("sweep failed (retrying in %.0f s): %s", interval, str(e).splitlines()[0] if str(e) else e)
             log.debug("sweep failure details", exc_info=True)
@@ -104,7 +164,7 @@ def run_from_settings(stop: threading.Event | None = None) -> None:
     settings = get_settings()
     settings.ensure_dirs()
     run_sweeper(session_factory(settings), enqueue_job, interval=settings.sweep_interval,
-                stale_after=settings.sweep_stale_after, stop=stop)
+                stale_after=settings.sweep_stale_after, stop=stop, backlog=backlog_from_settings(settings))
 
 
 if __name__ == "__main__":  # `python -m worker.sweeper` (docker-compose); same as `nba sweeper`

@@ -42,11 +42,38 @@ def sniff_dataset(head: bytes) -> str:
     return _DATASET_FORMATS[kind]
 
 
-def check_model_object(store: ArtifactStore, key: str, fmt: str, size: int) -> dict[str, Any]:
-    """Validate a stored safetensors header (bounded read; raises NBAError checkpoint_*). PyTorch zips are only
-    sniffed here: their content is checked by the worker's weights-only loader."""
+def _model_byte_limit(spec: Any) -> int:
+    """What a checkpoint for this spec may hold (its parameter estimate, fp64), or 8 GiB without an estimate."""
+    from nba_core.arch_budget import estimate
+    from nba_core.safetensors_header import max_checkpoint_bytes
+
+    sizes = None
+    if spec is not None:
+        sizes = estimate(spec.arch, spec.arch_params, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                         input_size=spec.input_size)
+    return max_checkpoint_bytes(sizes[0] if sizes else None, 8 * 1024**3)
+
+
+def check_model_object(store: ArtifactStore, key: str, fmt: str, size: int, spec: Any = None) -> dict[str, Any]:
+    """Validate a stored safetensors header (bounded read; raises NBAError checkpoint_*), or a PyTorch zip's
+    directory (member count, inflated size against the spec's parameter budget and the file size); the zip's
+    tensors themselves are checked by the worker's weights-only loader."""
+    from nba_core.errors import CHECKPOINT_TOO_LARGE
+
+    limit = _model_byte_limit(spec)
+    if fmt == "pt":
+        from nba_core.safetensors_header import check_pt_zip
+
+        if isinstance(store, LocalStore):
+            return {"inflated_bytes": check_pt_zip(str(store.path_for(key)), size, limit)}
+        with tempfile.TemporaryDirectory(prefix="nba-check-") as tmp:
+            path = os.path.join(tmp, "model")
+            store.fetch_to_path(key, path)
+            return {"inflated_bytes": check_pt_zip(path, size, limit)}
     if fmt != "safetensors":
         return {}
+    if size > limit:
+        raise NBAError(CHECKPOINT_TOO_LARGE, f"the checkpoint is {size:,} bytes (limit {limit:,} for this spec)")
     from nba_core.safetensors_header import check_safetensors_header
 
     with store.open_read(key) as f:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,10 +25,20 @@ class ServiceState:
     store: ArtifactStore
     # Sends the task message for a committed job; raises if the broker is unreachable.
     enqueue: Callable[[str], None]
+    quotas: Any = None  # app.api.quotas.Quotas
+    # Sessions on autocommit connections (no BEGIN/ROLLBACK round trips) for read-mostly hot paths.
+    read_sessions: Any = None
+
+    def __post_init__(self) -> None:
+        if self.read_sessions is None:
+            self.read_sessions = sessionmaker(
+                bind=self.sessions.kw["bind"].execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False)
     extra: dict = field(default_factory=dict)
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async: FastAPI runs sync dependencies in the threadpool, one hop each; this one needs no thread.
     return request.app.state.nba
 
 
@@ -49,10 +60,19 @@ def bearer_token(request: Request) -> str | None:
 
 def authenticate(state: ServiceState, request: Request) -> Owner:
     """Resolve the caller's owner from `Authorization: Bearer <key>` (401 unauthorized otherwise)."""
-    with state.sessions() as session:
-        owner = keys.require_owner(session, bearer_token(request))
-        session.commit()  # persists last_used_at
+    with owner_session(state, request) as (_session, owner):
         return owner
+
+
+@contextmanager
+def owner_session(state: ServiceState, request: Request) -> Iterator[tuple[Session, Owner]]:
+    """One session for a whole request: the key and its owner in one query, then the route's own queries.
+    last_used_at is written (and committed) only when it actually changed, i.e. about once a minute per key."""
+    with state.sessions() as session:
+        owner, touched = keys.authenticate(session, bearer_token(request))
+        if touched:
+            session.commit()
+        yield session, owner
 
 
 def current_owner(request: Request, state: ServiceState = Depends(get_state)) -> Owner:

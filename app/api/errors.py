@@ -21,7 +21,8 @@ SERVICE_UNAVAILABLE = "service_unavailable"
 
 # Codes for plain HTTP errors raised by the framework (unknown route, wrong method, ...).
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: NOT_FOUND,
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+               405: "method_not_allowed", 406: "not_acceptable", 408: "request_timeout", 409: "conflict",
+               413: "payload_too_large",
                415: "unsupported_media_type", 416: "range_not_satisfiable", 422: VALIDATION_ERROR}
 
 
@@ -60,6 +61,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        if type(exc.orig).__name__ == "DiskFull":  # psycopg.errors.DiskFull: Postgres is out of disk
+            log.warning("database out of disk: %s", exc.orig)
+            return error_response(507, "insufficient_storage", "the database is out of disk space; retry later",
+                                  {"Retry-After": "60"})
         # Connection-level database failures are an outage, not a bug: 503 tells clients to retry later.
         log.warning("database unavailable: %s", exc.orig if exc.orig is not None else exc)
         return error_response(503, SERVICE_UNAVAILABLE, "the database is unavailable; retry later",

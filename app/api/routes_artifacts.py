@@ -15,10 +15,12 @@ from nba_core.errors import NBAError, SPEC_INVALID
 from nba_core.spec import ModelSpec, parse_spec
 
 from . import checks
+from app.core.storage import InsufficientStorage
+
 from .deps import ServiceState, authenticate, current_owner, get_state
 from .errors import VALIDATION_ERROR, not_found
 from .schemas import ArtifactOut, ErrorResponse
-from .uploads import Upload, drain, receive_upload
+from .uploads import Upload, content_length, drain, receive_upload
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])
 
@@ -51,14 +53,17 @@ async def _upload(request: Request, state: ServiceState, *, max_bytes: int, snif
                   ) -> ArtifactOut:
     try:
         owner = await to_thread.run_sync(authenticate, state, request)
+        await to_thread.run_sync(_admit_upload, state, owner, content_length(request) or 0)
         upload = await receive_upload(request, state.store, max_bytes=max_bytes, sniff=sniff,
                                       sniff_bytes=sniff_bytes, fields=fields, on_field=on_field)
     except NBAError:
         await drain(request)
         raise
     try:
+        await to_thread.run_sync(_admit_upload, state, owner, upload.stored.size, True)
         details = await to_thread.run_sync(check, upload)
         artifact = build(owner, upload)
+        artifact.info = _jsonable(details)
 
         def insert() -> Artifact:
             with state.sessions() as session:
@@ -71,6 +76,19 @@ async def _upload(request: Request, state: ServiceState, *, max_bytes: int, snif
         await to_thread.run_sync(_forget_stored, state, upload.stored)
         raise
     return ArtifactOut.of(artifact, _jsonable(details))
+
+
+def _admit_upload(state: ServiceState, owner: Owner, incoming: int, stored: bool = False) -> None:
+    """Storage quota (429) and free space (507), before the body is read (with its declared length) and again
+    once it is stored (its real size; the first check cannot see a chunked body's)."""
+    if state.quotas is not None:
+        with state.sessions() as session:
+            state.quotas.check_storage(session, owner.id, incoming)
+    if not stored:
+        free = state.store.free_bytes()
+        if free is not None and free - incoming < state.settings.min_free_bytes:
+            raise InsufficientStorage(f"the artifact store has {free} bytes free; this upload would leave less "
+                                      f"than the {state.settings.min_free_bytes}-byte reserve")
 
 
 def _jsonable(details: Any) -> dict[str, Any] | None:
@@ -101,7 +119,8 @@ async def upload_model(request: Request, state: ServiceState = Depends(get_state
     def check(upload: Upload) -> dict[str, Any]:
         if "spec" not in parsed:
             raise NBAError(SPEC_INVALID, "the `spec` part (model-spec JSON) is missing")
-        return checks.check_model_object(state.store, upload.stored.key, upload.format, upload.stored.size)
+        return checks.check_model_object(state.store, upload.stored.key, upload.format, upload.stored.size,
+                                         parsed["spec"])
 
     def build(owner: Owner, upload: Upload) -> Artifact:
         return Artifact(owner_id=owner.id, kind="model", sha256=upload.stored.sha256, size_bytes=upload.stored.size,

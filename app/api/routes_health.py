@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -9,8 +10,10 @@ from typing import Any, Callable
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select, text
+
+from app.core.models import Job
 
 from .deps import ServiceState, get_state
 from .errors import not_found
@@ -46,7 +49,8 @@ def check_broker(state: ServiceState) -> None:
 
 
 def check_storage(state: ServiceState) -> None:
-    state.store.check()
+    # Not ready below MIN_FREE_BYTES: uploads would fail (507) and jobs could not write their results.
+    state.store.check(state.settings.min_free_bytes)
 
 
 def _run(check: Callable[[ServiceState], None], state: ServiceState) -> dict[str, Any]:
@@ -65,6 +69,26 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     ok = all(c["ok"] for c in checks.values())
     return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks},
                         status_code=200 if ok else 503)
+
+
+bench_router = APIRouter(tags=["bench"], include_in_schema=False)
+
+
+@bench_router.get("/v1/_bench/constant")
+async def bench_constant() -> Response:
+    """Ceiling 1 (NBA_BENCH_ENDPOINTS=1 only): constant JSON, no thread, no database."""
+    return Response(content=_CONSTANT, media_type="application/json")
+
+
+@bench_router.get("/v1/_bench/select/{job_id}")
+def bench_select(job_id: str, state: ServiceState = Depends(get_state)) -> Response:
+    """Ceiling 2: one thread hop, one pooled session (autocommit, as the poll's), one SELECT by primary key."""
+    with state.read_sessions() as session:
+        status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
+    return Response(content=json.dumps({"id": job_id, "status": status}), media_type="application/json")
+
+
+_CONSTANT = b'{"status":"ok"}'
 
 
 @router.get("/v1/_debug/process", include_in_schema=False)

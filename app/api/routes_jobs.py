@@ -11,15 +11,22 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core import jobs as jobstate
 from app.core.models import JOB_STATUSES, METHODS, Artifact, Job, Owner, utcnow
+from app.core.storage import LocalStore
 from nba_core.errors import INVALID_PARAMS, UNKNOWN_METHOD, NBAError
+from nba_core.method_params import check_method_params
+from nba_core.spec import all_finite
 
-from .deps import ServiceState, current_owner, get_state
+from . import compat
+from .deps import ServiceState, bearer_token, current_owner, get_state, owner_session
+from .poll import poll_job
+from .downloads import LocalFileResponse
 from .errors import VALIDATION_ERROR, not_found
 from .ranges import parse_range
 from .schemas import ErrorResponse, JobCreate, JobList, JobOut
@@ -36,13 +43,22 @@ _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (401, 404, 409, 422)}
 
 
-def _check_params(params: dict[str, Any]) -> None:
-    """Cheap, torch-free shape check; the worker validates names and ranges against the defense's Config."""
+def _json(model: BaseModel, status: int = 200) -> Response:
+    """Serialise once with pydantic's Rust encoder (FastAPI would validate the returned model again)."""
+    return Response(content=model.model_dump_json(), media_type="application/json", status_code=status)
+
+
+def _check_params(method: str, params: dict[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """Torch-free: names, types, finite values and ranges against the defense's table (nba_core.method_params,
+    the same one Defense.make_config applies), so a bad job is refused here instead of queued to fail."""
+    if not all_finite(params):
+        raise NBAError(INVALID_PARAMS, "params must not hold NaN or infinite numbers")
     if len(json.dumps(params)) > MAX_PARAMS_BYTES:
         raise NBAError(INVALID_PARAMS, f"params are larger than {MAX_PARAMS_BYTES} bytes")
     for name in params:
         if not _PARAM_NAME.match(name):
-            raise NBAError(INVALID_PARAMS, f"invalid parameter name {name!r}")
+            raise NBAError(INVALID_PARAMS, f"invalid parameter name {name[:80]!r}")
+    return check_method_params(method, params, num_classes=num_classes)
 
 
 def _owned(session: Session, owner: Owner, model: type, ident: str | None, what: str):
@@ -74,30 +90,41 @@ def _replay(existing: Job, rhash: str, response: Response, session: Session) -> 
 
 @router.post("/jobs", status_code=201, response_model=JobOut, responses={**_ERRORS, 200: {"model": JobOut}},
              summary="Create a sanitization job (201; 200 when replayed with the same Idempotency-Key)")
-def create_job(body: JobCreate, response: Response, state: ServiceState = Depends(get_state),
-               owner: Owner = Depends(current_owner),
-               idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", max_length=200)
+def create_job(body: JobCreate, response: Response, request: Request, state: ServiceState = Depends(get_state),
+               idempotency_key: str | None = Header(default=None, alias="Idempotency-Key", min_length=1,
+                                                    max_length=200, pattern=r"^[\x21-\x7e]+$",
+                                                    description="1-200 visible ASCII characters")
                ) -> JobOut:
     if body.method not in METHODS:
         raise NBAError(UNKNOWN_METHOD, f"unknown method {body.method!r}; known: {', '.join(METHODS)}")
-    _check_params(body.params)
+    if not all_finite(body.params):
+        raise NBAError(INVALID_PARAMS, "params must not hold NaN or infinite numbers")
     rhash = jobstate.request_hash(body.model_dump(mode="json"))
-    by_key = and_(Job.owner_id == owner.id, Job.idempotency_key == idempotency_key)
 
-    with state.sessions() as session:
+    with owner_session(state, request) as (session, owner):
+        by_key = and_(Job.owner_id == owner.id, Job.idempotency_key == idempotency_key)
         if idempotency_key:
             existing = session.execute(select(Job).where(by_key)).scalar_one_or_none()
             if existing is not None:
                 return _replay(existing, rhash, response, session)
         model = _artifact_of_kind(session, owner, body.model_id, ("model",), "model_id")
-        _artifact_of_kind(session, owner, body.dataset_id, ("dataset",), "dataset_id")
+        dataset = _artifact_of_kind(session, owner, body.dataset_id, ("dataset",), "dataset_id")
+        probe = None
         if body.probe_id is not None:
-            _artifact_of_kind(session, owner, body.probe_id, ("probe", "dataset"), "probe_id")
-        if body.probe_target is not None:
-            num_classes = (model.spec or {}).get("num_classes")
-            if isinstance(num_classes, int) and body.probe_target >= num_classes:
-                raise NBAError(INVALID_PARAMS, f"probe_target {body.probe_target} is not a class of this model "
-                               f"({num_classes} classes)")
+            probe = _artifact_of_kind(session, owner, body.probe_id, ("probe", "dataset"), "probe_id")
+        num_classes = (model.spec or {}).get("num_classes")
+        num_classes = num_classes if isinstance(num_classes, int) else None
+        if body.probe_target is not None and num_classes is not None and body.probe_target >= num_classes:
+            raise NBAError(INVALID_PARAMS, f"probe_target {body.probe_target} is not a class of this model "
+                           f"({num_classes} classes)")
+        # Everything a worker would refuse, refused before queueing: params, then model/data compatibility.
+        _check_params(body.method, body.params, num_classes)
+        compat.check_job_inputs(model, dataset, probe)
+        # Quotas last (a refused request should not use them up); the owner lock makes count+insert atomic.
+        if state.quotas is not None:
+            state.quotas.lock_owner(session, owner.id)
+            state.quotas.check_active_jobs(session, owner.id)
+            state.quotas.hit_submission(owner.id)
         now = utcnow()
         job = Job(owner_id=owner.id, model_id=body.model_id, dataset_id=body.dataset_id, probe_id=body.probe_id,
                   probe_target=body.probe_target, method=body.method, params=body.params, options=body.options(),
@@ -171,10 +198,10 @@ def list_jobs(state: ServiceState = Depends(get_state), owner: Owner = Depends(c
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=_ERRORS, summary="Status, progress, metrics")
-def get_job(job_id: str, state: ServiceState = Depends(get_state),
-            owner: Owner = Depends(current_owner)) -> JobOut:
-    with state.sessions() as session:
-        return _job_out(session, _owned(session, owner, Job, job_id, "job"))
+def get_job(job_id: str, request: Request, state: ServiceState = Depends(get_state)) -> Response:
+    # The hot path (app/api/poll.py): one thread hop, one autocommit session, one statement.
+    with state.read_sessions() as session:
+        return _json(poll_job(session, bearer_token(request), job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=_ERRORS,
@@ -220,6 +247,12 @@ def download_model(job_id: str, request: Request, state: ServiceState = Depends(
     headers["Content-Length"] = str(max(0, end - start + 1))
     if rng is not None:
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if isinstance(state.store, LocalStore) and size:
+        # Local files: read in 4 MiB pread()s (one thread hop each), or handed to the server whole when it
+        # supports the ASGI pathsend extension (zero-copy sendfile).
+        return LocalFileResponse(state.store.local_path(artifact.storage_key), start, end,
+                                 status_code=206 if rng is not None else 200, headers=headers,
+                                 media_type="application/octet-stream")
     body = state.store.iter_range(artifact.storage_key, start, end) if size else iter([b""])
     return StreamingResponse(body, status_code=206 if rng is not None else 200, headers=headers,
                              media_type="application/octet-stream")

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -23,7 +23,7 @@ KEY_PREFIX = "nba_"
 PREFIX_LEN = 12
 UNAUTHORIZED = "unauthorized"
 # Don't write last_used_at on every request: once a minute per key is plenty and spares the DB.
-_LAST_USED_GRANULARITY_S = 60
+LAST_USED_GRANULARITY_S = 60
 
 
 @dataclass(frozen=True)
@@ -68,28 +68,45 @@ def create_key(session: Session, owner_name: str) -> str:
 
 
 def verify_key(session: Session, plaintext: str | None, *, touch: bool = True) -> Owner | None:
-    """The owner of a valid, unrevoked key, else None."""
-    if not plaintext or not plaintext.startswith(KEY_PREFIX) or len(plaintext) < PREFIX_LEN:
-        return None
+    """The owner of a valid, unrevoked key, else None. One query fetches key and owner together; last_used_at
+    is written (and the caller must commit) only when it is older than the granularity: see `touched`."""
+    owner, _touched = _verify(session, plaintext, touch)
+    return owner
+
+
+def _verify(session: Session, plaintext: str | None, touch: bool) -> tuple[Owner | None, bool]:
+    if not plaintext or not plaintext.startswith(KEY_PREFIX) or len(plaintext) < PREFIX_LEN or len(plaintext) > 200:
+        return None, False
     digest = hash_key(plaintext)
-    candidates = session.execute(
-        select(ApiKey).where(ApiKey.prefix == plaintext[:PREFIX_LEN], ApiKey.revoked_at.is_(None))
-    ).scalars().all()
-    for key in candidates:
-        if hmac.compare_digest(key.key_hash, digest):
+    rows = session.execute(
+        select(ApiKey.id, ApiKey.key_hash, ApiKey.last_used_at, Owner)
+        .join(Owner, Owner.id == ApiKey.owner_id)
+        .where(ApiKey.prefix == plaintext[:PREFIX_LEN], ApiKey.revoked_at.is_(None))
+    ).all()
+    for key_id, key_hash, last_used_at, owner in rows:
+        if hmac.compare_digest(key_hash, digest):
             now = utcnow()
-            if touch and (key.last_used_at is None
-                          or (now - key.last_used_at).total_seconds() > _LAST_USED_GRANULARITY_S):
-                key.last_used_at = now
-            return session.get(Owner, key.owner_id)
-    return None
+            stale = now - timedelta(seconds=LAST_USED_GRANULARITY_S)
+            if touch and (last_used_at is None or last_used_at < stale):
+                # Guarded UPDATE: of concurrent requests, only one writes; the others change nothing.
+                session.execute(update(ApiKey).where(
+                    ApiKey.id == key_id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < stale))
+                    .values(last_used_at=now))
+                return owner, True
+            return owner, False
+    return None, False
+
+
+def authenticate(session: Session, plaintext: str | None) -> tuple[Owner, bool]:
+    """(owner, whether last_used_at was written and needs a commit); 401 unauthorized for a bad key."""
+    owner, touched = _verify(session, plaintext, True)
+    if owner is None:
+        raise NBAError(UNAUTHORIZED, "missing, invalid or revoked API key", http_status=401)
+    return owner, touched
 
 
 def require_owner(session: Session, plaintext: str | None) -> Owner:
-    owner = verify_key(session, plaintext)
-    if owner is None:
-        raise NBAError(UNAUTHORIZED, "missing, invalid or revoked API key", http_status=401)
-    return owner
+    return authenticate(session, plaintext)[0]
 
 
 def revoke_key(session: Session, prefix_or_id: str) -> int:

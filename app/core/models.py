@@ -104,6 +104,9 @@ class Artifact(Base):
     filename: Mapped[str | None] = mapped_column(String(300), nullable=True)
     format: Mapped[str] = mapped_column(String(16), nullable=False)
     spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # What the upload checks found (datasets: format, images, image_shape, label range, classes), used to check
+    # a job's model/data compatibility before it is queued. NULL for rows from before migration 0002.
+    info: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
     __table_args__ = (Index("ix_artifacts_owner_created", "owner_id", "created_at"),)
@@ -149,6 +152,7 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_owner_status", "owner_id", "status"),
     )
 
     @property

@@ -47,6 +47,32 @@ class Settings(BaseSettings):
     # $NBA_DATA_DIR/link-secret (set it explicitly when several API replicas must accept each other's links).
     link_secret: str | None = None
     link_max_ttl: int = Field(default=24 * 3600, gt=0)
+
+    # Request limits. JSON bodies (everything but the streamed uploads) are capped before any byte is parsed.
+    max_json_body_bytes: int = Field(default=256 * 1024, gt=0)
+    # A request body that stalls longer than this between chunks is cut (408); slow *headers* are the reverse
+    # proxy's job (deploy/nginx.conf: client_header_timeout), uvicorn closes idle keep-alives after 5 s.
+    body_read_timeout: float = Field(default=30.0, gt=0)
+
+    # Per-key quotas (429 + Retry-After): queued+running jobs, job submissions per minute, stored upload bytes.
+    # 0 disables one. The rate window lives in QUOTA_STORAGE_URL (`limits` storage URI; default: the Redis
+    # broker, so several API processes share it; memory:// in embedded mode, where `nba serve` runs one process).
+    quota_active_jobs: int = Field(default=10, ge=0)
+    quota_jobs_per_minute: int = Field(default=60, ge=0)
+    quota_stored_bytes: int = Field(default=50 * GIB, ge=0)
+    quota_storage_url: str | None = None
+
+    # Free space under which uploads are refused up front (507) and /readyz reports the storage not ready.
+    min_free_bytes: int = Field(default=1 * GIB, ge=0)
+
+    # Per-process concurrency: threads for blocking work (DB, disk) and the DB pool sized to match, so a
+    # request never waits for a connection its thread could not use anyway. Connections are recycled after
+    # DB_POOL_RECYCLE seconds instead of being pinged on every checkout.
+    api_threads: int = Field(default=32, ge=1, le=512)
+    db_pool_recycle: int = Field(default=1800, gt=0)
+
+    # Extra endpoints for bench/service_speed.py's ceilings (constant JSON, one SELECT by primary key). Off.
+    bench_endpoints: bool = False
     # Enables /v1/_debug/* endpoints (tests use them to inspect the server process).
     debug: bool = False
 
@@ -63,6 +89,9 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.storage_url is None:
             self.storage_url = f"file://{root / 'artifacts'}"
+        if self.quota_storage_url is None:
+            broker = str(self.broker_url)
+            self.quota_storage_url = broker if broker.startswith(("redis://", "rediss://")) else "memory://"
         return self
 
     @property

@@ -7,6 +7,7 @@ aborted or oversized upload leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -23,13 +24,28 @@ from .settings import Settings
 
 PAYLOAD_TOO_LARGE = "payload_too_large"
 STORAGE_ERROR = "storage_error"
+INSUFFICIENT_STORAGE = "insufficient_storage"
 READ_CHUNK = 1024 * 1024
+# Local downloads read this much per thread hop (os.pread): few hops, and the socket gets big writes.
+LOCAL_READ_CHUNK = 4 * 1024 * 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class PayloadTooLarge(NBAError):
     def __init__(self, max_bytes: int):
         super().__init__(PAYLOAD_TOO_LARGE, f"upload exceeds the limit of {max_bytes} bytes", http_status=413)
         self.max_bytes = max_bytes
+
+
+class InsufficientStorage(NBAError):
+    """The artifact store is full (ENOSPC/EDQUOT): 507, a condition for the operator, not a bug (was 500)."""
+
+    def __init__(self, detail: str = "the artifact store is out of space; retry later"):
+        super().__init__(INSUFFICIENT_STORAGE, detail, http_status=507)
+
+
+def _map_no_space(e: OSError) -> NBAError | OSError:
+    return InsufficientStorage() if e.errno in _NO_SPACE else e
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,9 @@ class ArtifactStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def check(self) -> None: ...
+    def check(self, min_free_bytes: int = 0) -> None: ...
+
+    def free_bytes(self) -> int | None: ...
 
 
 class _StoreHelpers:
@@ -139,13 +157,21 @@ class _LocalWriter:
             self.abort()
             raise PayloadTooLarge(self.max_bytes)
         self._hash.update(chunk)
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            self.abort()
+            raise _map_no_space(e) from None
 
     def commit(self) -> StoredObject:
         if self._file is None:
             raise RuntimeError("writer is closed")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            self.abort()
+            raise _map_no_space(e) from None
         self._file.close()
         self._file = None
         digest = self._hash.hexdigest()
@@ -158,7 +184,10 @@ class _LocalWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # a failed flush of buffered bytes (the disk is full): the file goes anyway
+                pass
             self._file = None
         try:
             os.unlink(self._tmp)
@@ -179,7 +208,17 @@ class LocalStore(_StoreHelpers):
         return path
 
     def open_writer(self, *, max_bytes: int | None = None) -> _LocalWriter:
-        return _LocalWriter(self, max_bytes)
+        try:
+            return _LocalWriter(self, max_bytes)
+        except OSError as e:
+            raise _map_no_space(e) from None
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def local_path(self, key: str) -> Path:
+        """The object's file (downloads read it directly, in large chunks)."""
+        return self.path_for(key)
 
     def open_read(self, key: str) -> BinaryIO:
         return open(self.path_for(key), "rb")
@@ -210,10 +249,13 @@ class LocalStore(_StoreHelpers):
     def delete(self, key: str) -> None:
         self.path_for(key).unlink(missing_ok=True)
 
-    def check(self) -> None:
-        """Raise if the store cannot be written (used by /readyz)."""
+    def check(self, min_free_bytes: int = 0) -> None:
+        """Raise if the store cannot be written or has less than `min_free_bytes` free (used by /readyz)."""
         with tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="ready-"):
             pass
+        free = self.free_bytes()
+        if free < min_free_bytes:
+            raise InsufficientStorage(f"only {free} bytes free in the artifact store (threshold {min_free_bytes})")
 
 
 # ------------------------------------------------------------------------------------------------------ S3
@@ -350,8 +392,11 @@ class S3Store(_StoreHelpers):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key))
 
-    def check(self) -> None:
+    def check(self, min_free_bytes: int = 0) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def free_bytes(self) -> int | None:
+        return None  # unbounded as far as we can tell
 
 
 def store_from_settings(settings: Settings) -> ArtifactStore:

@@ -37,6 +37,7 @@ from ..errors import (
     DATA_UNSAFE_ARCHIVE,
     NBAError,
 )
+from ..zip_bounds import check_zip_directory
 from .classes import folder_labels, labels_from_strings, names_from_folders
 from .imageset import ImageSet
 
@@ -62,6 +63,26 @@ class DataLimits:
     ratio_min_bytes: int = 4 * 1024**2  # ratios of smaller members/archives are not checked (labels compress well)
     max_image_pixels: int = 1024 * 1024  # per image, checked before decoding
     max_images: int = 200_000
+    # The decoded image tensor (N×C×H×W float32) of the whole set, computed from headers before decoding.
+    max_decoded_bytes: int = 1024**3
+    # A zip's central directory is read and walked (entry count) by us before zipfile parses it.
+    max_central_directory_bytes: int = 32 * 1024**2
+
+
+def decoded_bytes(images: int, shape: tuple[int, ...]) -> int:
+    """Bytes of `images` float32 images of shape (C, H, W): what loading the set will allocate."""
+    n = images * 4
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def check_decoded_size(images: int, shape: tuple[int, ...], limits: "DataLimits") -> None:
+    """Refuse (data_too_large) a set whose decoded float32 tensor would exceed limits.max_decoded_bytes."""
+    total = decoded_bytes(images, shape)
+    if total > limits.max_decoded_bytes:
+        raise NBAError(DATA_TOO_LARGE, f"{images} images of shape {list(shape)} decode to {total:,} bytes of "
+                       f"float32 (limit {limits.max_decoded_bytes:,})")
 
 
 @dataclass(frozen=True)
@@ -152,6 +173,13 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, O
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
+def _check_zip_directory(path: Path, size: int, limits: DataLimits) -> None:
+    """Bound the central directory BEFORE zipfile.ZipFile() parses it (see nba_core.zip_bounds)."""
+    check_zip_directory(path, size, max_members=limits.max_members,
+                        max_directory_bytes=limits.max_central_directory_bytes, too_large=DATA_TOO_LARGE,
+                        unreadable=DATA_UNREADABLE)
+
+
 def _scan_zip(zf: zipfile.ZipFile, limits: DataLimits, file_size: int) -> list[_Entry]:
     """Validate every central-directory entry; return the regular files. Nothing is decompressed."""
     infos = zf.infolist()
@@ -200,7 +228,8 @@ class _BoundedTarInfo(tarfile.TarInfo):
 def _iter_tar(path: Path, gz: bool) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
     """Stream through a tar (decompressing sequentially, never seeking back), yielding each member header."""
     try:
-        with tarfile.open(path, mode="r|gz" if gz else "r|", tarinfo=_BoundedTarInfo) as tf:
+        # Uncompressed tars are read seekable ("r:"), so member data is skipped, not read; gzip is streamed.
+        with tarfile.open(path, mode="r|gz" if gz else "r:", tarinfo=_BoundedTarInfo) as tf:
             while (member := tf.next()) is not None:
                 yield tf, member
     except NBAError:
@@ -209,9 +238,97 @@ def _iter_tar(path: Path, gz: bool) -> Iterator[tuple[tarfile.TarFile, tarfile.T
         raise NBAError(DATA_UNREADABLE, f"cannot read the tar archive: {e}") from None
 
 
+_TAR_META_TYPES = frozenset(b"xgLKX")  # pax, GNU long name/link, Solaris pax: headers of the next member
+
+
+def _tar_blocks(path: Path, gz: bool, chunk: int = 1024 * 1024) -> Iterator[bytes]:
+    """The (decompressed) tar stream in chunks."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+    with open(path, "rb") as f:
+        while raw := f.read(chunk):
+            if inflate is None:
+                yield raw
+                continue
+            data = inflate.decompress(raw, 4 * chunk)
+            while True:
+                if data:
+                    yield data
+                if not inflate.unconsumed_tail:
+                    break
+                data = inflate.decompress(inflate.unconsumed_tail, 4 * chunk)
+            if inflate.eof:
+                return
+
+
+def _tar_size(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
+        return int.from_bytes(field[1:], "big") if field[:1] == b"\x80" else -1
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _count_tar_members(path: Path, gz: bool, limits: DataLimits) -> int:
+    """Count member headers with a walk over 512-byte blocks (no TarInfo objects, no name decoding), stopping at
+    the member limit: tarfile spends ~35 µs per member, so 120k empty members cost seconds before it could refuse.
+    Malformed headers end the walk; tarfile's own scan reports them."""
+    if not gz:
+        return _count_plain_tar_members(path, limits)
+    count = 0
+    skip = 0  # data bytes of the current member still to pass
+    pending = b""
+    for data in _tar_blocks(path, gz):
+        if skip >= len(data):
+            skip -= len(data)
+            continue
+        buf = pending + data[skip:] if pending else data[skip:]
+        skip = 0
+        pos = 0
+        while pos + 512 <= len(buf):
+            header = buf[pos:pos + 512]
+            if header.count(0) == 512:
+                return count  # end-of-archive marker
+            try:
+                size = _tar_size(header[124:136])
+            except ValueError:
+                return count
+            if size < 0:
+                return count
+            if header[156] not in _TAR_META_TYPES:
+                count += 1
+                if count > limits.max_members:
+                    raise NBAError(DATA_TOO_LARGE, f"archive has more than {limits.max_members} members")
+            pos += 512 + (size + 511) // 512 * 512
+        if pos > len(buf):
+            skip = pos - len(buf)
+            pending = b""
+        else:
+            pending = buf[pos:]
+    return count
+
+
+def _count_plain_tar_members(path: Path, limits: DataLimits) -> int:
+    """The same walk on an uncompressed tar: read each header, seek past its data."""
+    count = 0
+    with open(path, "rb") as f:
+        while len(header := f.read(512)) == 512 and header.count(0) != 512:
+            try:
+                size = _tar_size(header[124:136])
+            except ValueError:
+                return count
+            if size < 0:
+                return count
+            if header[156] not in _TAR_META_TYPES:
+                count += 1
+                if count > limits.max_members:
+                    raise NBAError(DATA_TOO_LARGE, f"archive has more than {limits.max_members} members")
+            f.seek((size + 511) // 512 * 512, os.SEEK_CUR)
+    return count
+
+
 def _scan_tar(path: Path, gz: bool, limits: DataLimits, file_size: int) -> list[_Entry]:
     """Validate every member header; links, devices and sparse files are refused. Sizes come from headers, and
     the running totals are checked before the next header is read, so a bomb stops early."""
+    _count_tar_members(path, gz, limits)
     budget = _Budget(limits, file_size)
     files: list[_Entry] = []
     for _tf, m in _iter_tar(path, gz):
@@ -312,6 +429,7 @@ def _scan(path: Path, limits: DataLimits) -> tuple[str, list[_Entry], bool]:
     fmt = sniff_dataset_format(head)
     if fmt in ("npz", "zip"):
         try:
+            _check_zip_directory(path, size, limits)
             with zipfile.ZipFile(path) as zf:
                 files = _scan_zip(zf, limits, size)
         except _ZIP_ERRORS as e:
@@ -343,6 +461,52 @@ def _npz_arrays(path: Path, files: list[_Entry]) -> dict[str, dict[str, Any]]:
     return arrays
 
 
+CHANNEL_COUNTS = (1, 3, 4)
+
+
+def is_channels_last(shape: tuple[int, int, int, int], expect_shape: tuple[int, int, int] | None = None) -> bool:
+    """THE layout rule for 4-D image arrays, whatever their dtype: the channel axis is the one whose size matches
+    the model's (C, H, W) when a spec is known, else the one of size 1, 3 or 4; channels-last when both fit."""
+    _, a, b, c = shape
+    if expect_shape is not None:
+        if (c, a, b) == tuple(expect_shape):
+            return True
+        if (a, b, c) == tuple(expect_shape):
+            return False
+    return not (a in CHANNEL_COUNTS and c not in CHANNEL_COUNTS)
+
+
+def npz_layout(x_shape: tuple[int, ...] | list[int], x_dtype: str,
+               expect_shape: tuple[int, int, int] | None = None) -> tuple[int, tuple[int, int, int]]:
+    """(images, (C, H, W)) that loading an .npz `x` of this header shape yields (the loader's rule, is_channels_last;
+    N×H×W is one channel). Computed from the .npy header, before any decoding; `x_dtype` does not matter."""
+    shape = tuple(int(d) for d in x_shape)
+    if len(shape) == 3:
+        return shape[0], (1, shape[1], shape[2])
+    if len(shape) != 4:
+        raise NBAError(DATA_INVALID, f"x must be 3-D or 4-D, got shape {list(shape)}")
+    n, a, b, c = shape
+    return n, ((c, a, b) if is_channels_last(shape, expect_shape) else (a, b, c))  # type: ignore[arg-type]
+
+
+def _check_npz_arrays(arrays: dict[str, dict[str, Any]], limits: DataLimits,
+                      expect_shape: tuple[int, int, int] | None = None) -> tuple[int, tuple[int, int, int]]:
+    """Bounds and shapes of an .npz from its .npy headers: the decoded float32 size, the image shape against
+    the model's, and as many labels as images -- all before np.load decodes anything."""
+    x, y = arrays["x"], arrays["y"]
+    images, shape = npz_layout(x["shape"], x["dtype"], expect_shape)
+    if images > limits.max_images:
+        raise NBAError(DATA_TOO_LARGE, f"{images} images (limit {limits.max_images})")
+    check_decoded_size(images, shape, limits)
+    if expect_shape is not None and shape != tuple(expect_shape):
+        raise NBAError(DATA_SHAPE_MISMATCH, f"images are {list(shape)} (C, H, W); the model expects "
+                       f"{list(expect_shape)}")
+    y_shape = list(y["shape"])
+    if y_shape not in ([images], [images, 1]):
+        raise NBAError(DATA_INVALID, f"x has {images} images but y has shape {y_shape}")
+    return images, shape
+
+
 def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits(),
                        class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Validate a data file's structure without decoding images or loading arrays.
@@ -354,49 +518,58 @@ def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits(),
     info: dict[str, Any] = {"format": fmt, "members": len(files), "total_bytes": sum(e.size for e in files)}
     if fmt == "npz":
         info["arrays"] = _npz_arrays(path, files)
+        images, shape = _check_npz_arrays(info["arrays"], limits)
+        info["images"] = images
+        info["image_shape"] = list(shape)
+        info["label_range"] = _npz_label_range(path, info["arrays"]["y"])
     else:
         images, labels = _image_layout(files, class_names)
         if len(images) > limits.max_images:
             raise NBAError(DATA_TOO_LARGE, f"{len(images)} images (limit {limits.max_images})")
         info["images"] = len(images)
         info["classes"] = labels
+        info["label_range"] = [min(labels.values()), max(labels.values())]
     return info
+
+
+def _npz_label_range(path: Path, y_info: dict[str, Any]) -> list[int] | None:
+    """[min, max] of the labels: y is small (its shape was checked against the image count, itself bounded)."""
+    if not _DESCR.match(y_info["dtype"]) or _DESCR.match(y_info["dtype"]).group(1) not in "iu":  # type: ignore
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("y.npy") as f:
+            y = np.lib.format.read_array(f, allow_pickle=False)
+    except (*_ZIP_ERRORS, KeyError) as e:
+        raise NBAError(DATA_UNREADABLE, f"cannot read y: {e}") from None
+    return [int(y.min()), int(y.max())] if y.size else None
 
 
 # -------------------------------------------------------------------------------------------------- loading
 
-CHANNEL_COUNTS = (1, 3, 4)
-
-
 def _to_nchw(x: np.ndarray, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
-    """One layout rule for every dtype: x is N×H×W (grey), N×H×W×C or N×C×H×W. The channel axis is the one whose
-    size is the model's channel count (with a spec), else the one of size 1, 3 or 4; channels-last when both fit."""
+    """N×H×W -> N×1×H×W; a 4-D array by the one layout rule (is_channels_last)."""
     if x.ndim == 3:
         return x[:, None]
     if x.ndim != 4:
         raise NBAError(DATA_INVALID, f"x must be 3-D or 4-D, got shape {list(x.shape)}")
-    nhwc, nchw = x.transpose(0, 3, 1, 2), x
-    if expect_shape is not None:
-        if tuple(nhwc.shape[1:]) == expect_shape:
-            return nhwc
-        if tuple(nchw.shape[1:]) == expect_shape:
-            return nchw
-    if x.shape[1] in CHANNEL_COUNTS and x.shape[3] not in CHANNEL_COUNTS:
-        return nchw
-    return nhwc
+    return x.transpose(0, 3, 1, 2) if is_channels_last(x.shape, expect_shape) else x
 
 
 def _images_from_array(x: np.ndarray, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
+    """One float32 N×C×H×W array (the only float copy made; uint8 is divided straight into it)."""
     if x.dtype == np.uint8:
-        return _to_nchw(x, expect_shape).astype(np.float32) / np.float32(255)
+        nchw = _to_nchw(x, expect_shape)
+        out = np.empty(nchw.shape, dtype=np.float32)
+        np.divide(nchw, np.float32(255), out=out)
+        return out
     if x.dtype.kind != "f":
         raise NBAError(DATA_INVALID, f"x must be uint8 (0..255) or float (0..1), N×H×W×C or N×C×H×W, got {x.dtype}")
-    x = _to_nchw(x, expect_shape).astype(np.float32)
+    x = np.ascontiguousarray(_to_nchw(x, expect_shape), dtype=np.float32)
     if x.size and not np.isfinite(x).all():
         raise NBAError(DATA_INVALID, "x holds NaN or infinite values")
     if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
         raise NBAError(DATA_INVALID, f"float x must be in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
-    return np.clip(x, 0.0, 1.0)
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
 def _labels_from_array(y: np.ndarray, class_names: Sequence[str] | None) -> np.ndarray:
@@ -479,6 +652,8 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
         if mode is None:
             raise NBAError(DATA_SHAPE_MISMATCH, f"images cannot be converted to {expect_shape[0]} channels")
         size = (expect_shape[1], expect_shape[2])
+        # N×C×H×W×4 bytes known before the first image is decoded.
+        check_decoded_size(len(images), expect_shape, limits)
     index = {e.name: i for i, (e, _) in enumerate(images)}
     y = np.array([label for _, label in images], dtype=np.int64)
     x: np.ndarray | None = None
@@ -491,8 +666,10 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
         if x is None:  # without a spec, the first image fixes mode and size for the rest
             size = size or arr.shape[:2]
             mode = mode or ("L" if arr.shape[2] == 1 else "RGB")
-            x = np.empty((len(images), *arr.shape), dtype=np.uint8)
-        x[index[name]] = arr
+            shape = (arr.shape[2], arr.shape[0], arr.shape[1])
+            check_decoded_size(len(images), shape, limits)
+            x = np.empty((len(images), *shape), dtype=np.float32)  # the one float copy, filled image by image
+        np.divide(arr.transpose(2, 0, 1), np.float32(255), out=x[index[name]])
 
     if fmt == "zip":
         try:
@@ -515,7 +692,7 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
     if x is None or filled != len(images):
         raise NBAError(DATA_UNREADABLE, "the archive changed while it was being read")
     names = list(class_names) if class_names else names_from_folders(labels)
-    return ImageSet(x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255), y, class_names=names)
+    return ImageSet(x, y, class_names=names)
 
 
 def load_dataset_file(path: PathLike, *, num_classes: int | None = None,
@@ -536,7 +713,8 @@ def load_dataset_file(path: PathLike, *, num_classes: int | None = None,
     expect = tuple(int(d) for d in expect_shape) if expect_shape is not None else None
     fmt, files, gz = _scan(path, limits)
     if fmt == "npz":
-        _npz_arrays(path, files)  # .npy headers vs member sizes (bounds np.load's allocations), x and y present
+        # .npy headers vs member sizes, then decoded size, image shape and label count, all before np.load.
+        _check_npz_arrays(_npz_arrays(path, files), limits, expect)  # type: ignore[arg-type]
         data = _load_npz(path, expect, class_names)  # type: ignore[arg-type]
     else:
         data = _load_image_archive(path, fmt, gz, files, expect, limits, class_names)  # type: ignore[arg-type]

@@ -74,6 +74,10 @@ class Defense:
     @classmethod
     def make_config(cls, params: dict[str, Any]):
         """Build the Config, rejecting unknown keys and values of the wrong type with INVALID_PARAMS."""
+        from ..method_params import PARAMS, check_method_params
+
+        if cls.name in PARAMS:  # the shared bounds table (the API applies the same one before queueing)
+            params = check_method_params(cls.name, params)
         fields = {f.name: f for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(params) - set(fields))
         if unknown:

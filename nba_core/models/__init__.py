@@ -6,6 +6,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..arch_budget import check_arch_params
 from ..errors import NBAError, SPEC_INVALID, UNKNOWN_ARCHITECTURE
 from ..spec import ModelSpec
 from .base import SpecModel, capture_outputs
@@ -37,6 +38,9 @@ def build_model(spec: ModelSpec) -> SpecModel:
         ctor = REGISTRY[spec.arch]
     except KeyError:
         raise NBAError(UNKNOWN_ARCHITECTURE, f"unknown architecture {spec.arch!r}") from None
+    # Bounded before anything is allocated (parse_spec checks this too; a ModelSpec built directly did not).
+    check_arch_params(spec.arch, spec.arch_params, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                      input_size=spec.input_size)
     try:
         net = ctor(num_classes=spec.num_classes, in_channels=spec.in_channels, **spec.arch_params)
     except TypeError as e:

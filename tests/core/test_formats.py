@@ -148,7 +148,7 @@ def test_image_folder_zip_with_named_classes(tmp_path: Path):
     np.testing.assert_allclose(data.x[0], X_U8[1].transpose(2, 0, 1) / 255.0, atol=1e-6)  # cat/1.png
     info = check_dataset_file(path)
     assert info == {"format": "zip", "members": 4, "total_bytes": sum(map(len, members.values())), "images": 4,
-                    "classes": {"cat": 0, "dog": 1}}
+                    "classes": {"cat": 0, "dog": 1}, "label_range": [0, 1]}
 
 
 def test_image_folder_tar_gz_with_integer_classes(tmp_path: Path):

@@ -28,7 +28,7 @@ def test_valid_spec_from_dict_text_and_bytes(source):
 
 def test_every_architecture_name_is_accepted():
     for arch in ARCHITECTURES:
-        assert parse_spec(VALID | {"arch": arch}).arch == arch
+        assert parse_spec(VALID | {"arch": arch, "arch_params": {}}).arch == arch
 
 
 def test_unknown_architecture():

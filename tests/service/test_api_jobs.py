@@ -92,7 +92,7 @@ def test_idempotency_keys_are_per_owner(api_server, http, uploaded, second_owner
 
 
 def test_pagination_and_status_filter(http, uploaded, db) -> None:
-    ids = [http.post("/v1/jobs", json=_job_body(uploaded, params={"epochs": i})).json()["id"] for i in range(5)]
+    ids = [http.post("/v1/jobs", json=_job_body(uploaded, params={"epochs": i + 1})).json()["id"] for i in range(5)]
     # Freeze them in known states (no worker must touch them): two failed, three queued-with-no-message.
     db.execute(update(Job).where(Job.id.in_(ids[:2])).values(status="failed", error_code="x", error_message="y"))
     db.execute(update(Job).where(Job.id.in_(ids[2:])).values(status="queued"))

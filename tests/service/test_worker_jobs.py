@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from app.client import APIError
 from nba_core.errors import DATA_LABEL_OUT_OF_RANGE, INVALID_PARAMS
 from tests.service.conftest_worker import (SLOW_FT, result_count, running_with_progress, submit_digits_job,
                                            wait_for)
@@ -25,8 +26,25 @@ def test_cancel_running_job(client, celery_worker, sessions, digits_files):
     assert done["finished_at"] is not None
 
 
+def test_bad_labels_are_refused_before_queueing(client, digits_files):
+    with pytest.raises(APIError) as e:
+        submit_digits_job(client, digits_files, data_key="bad_labels", probe=False)
+    assert (e.value.status, e.value.code) == (422, DATA_LABEL_OUT_OF_RANGE)
+
+
 def test_pipeline_error_fails_job_with_its_code_without_retry(client, celery_worker, sessions, digits_files):
-    job = submit_digits_job(client, digits_files, data_key="bad_labels", probe=False)
+    # The API refuses these labels up front now (test above); a dataset uploaded before the upload checks were
+    # recorded (info NULL) still reaches the worker, whose error must fail the job once, without retry.
+    from sqlalchemy import update
+
+    from app.core.models import Artifact
+
+    model = client.upload_model(digits_files["model"], spec=digits_files["spec"])
+    data = client.upload_dataset(digits_files["bad_labels"])
+    with sessions() as s:
+        s.execute(update(Artifact).where(Artifact.id == data["id"]).values(info=None))
+        s.commit()
+    job = client.create_job(model["id"], data["id"], "ft", {})
     done = client.wait(job["id"], poll=0.3, timeout=60)
     assert done["status"] == "failed"
     assert done["error"]["code"] == DATA_LABEL_OUT_OF_RANGE
@@ -39,6 +57,8 @@ def test_pipeline_error_fails_job_with_its_code_without_retry(client, celery_wor
 
 
 def test_invalid_params_fail_fast(client, celery_worker, digits_files):
-    job = submit_digits_job(client, digits_files, params={"epochs": "many"}, probe=False)
-    done = client.wait(job["id"], poll=0.3, timeout=60)
-    assert (done["status"], done["error"]["code"], done["attempts"]) == ("failed", INVALID_PARAMS, 1)
+    # Refused at submission since issue 10 (the defense's params table), so nothing is queued to fail later.
+    with pytest.raises(APIError) as e:
+        submit_digits_job(client, digits_files, params={"epochs": "many"}, probe=False)
+    assert (e.value.status, e.value.code) == (422, INVALID_PARAMS)
+    assert client.list_jobs()["items"] == []
