@@ -1,8 +1,8 @@
 """jobs.options: what the user said about their data when creating the job ({"class_names": [...],
 "allow_low_accuracy": bool}), stored with the job so the worker uses it and the job shows it.
 
-Revision ID: 0002_job_options
-Revises: 0001_initial
+Revision ID: 0003_job_options
+Revises: 0002_hardening
 Create Date: 2026-12-01
 """
 
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-revision = "0002_job_options"
-down_revision = "0001_initial"
+revision = "0003_job_options"
+down_revision = "0002_hardening"
 branch_labels = None
 depends_on = None
 
