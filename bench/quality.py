@@ -1,7 +1,8 @@
 """The attack × defense quality table (NBA.md §4): one row per (dataset, arch, attack, defense, seed).
 
-Every defense sees the same backdoored model and the same clean subset (5% of the clean training set); metrics are
-measured on the held-out test set. Units (dataset, arch, attack, seed) run in parallel processes, one torch thread
+Every defense sees the same backdoored model and the same clean subset (5% of the clean training set) and trains on
+all of it, as the CLI and the service do by default; metrics are measured on the held-out test set. A defense is
+named `method` or `method:preset` (e.g. `nba:paper`, `ibau:authors`) and runs with its defaults: nothing is tuned. Units (dataset, arch, attack, seed) run in parallel processes, one torch thread
 each, which is the fastest layout for small nets on a 2-core machine.
 """
 
@@ -17,9 +18,10 @@ from .common import OUT_DIR, RowLog, provenance
 from .report import write_quality_report
 
 ATTACKS = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
-DEFENSES = ("none", "ft", "fp", "nad", "anp", "ibau", "nba")
+DEFENSES = ("none", "ft", "fp", "nad", "anp", "ibau", "ibau:authors", "sau", "ftsam", "nba", "nba:paper")
 SUITES = {
     "mnist": ("mnist5k", "small_cnn"),
+    "fmnist": ("fmnist", "small_cnn"),
     "mnist-preact": ("mnist5k", "preact_resnet18"),
     "shapes-preact": ("shapes32", "preact_resnet18"),
     "shapes-wrn": ("shapes32", "wrn16"),
@@ -61,9 +63,28 @@ def load_or_make_backdoor(dataset: str, arch: str, attack: str, seed: int, devic
     return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"], **data)
 
 
+def defense_params(name: str) -> tuple[str, dict]:
+    """'method' -> (method, {}); 'method:preset' -> (method, {"preset": preset})."""
+    method, _, preset = name.partition(":")
+    return method, ({"preset": preset} if preset else {})
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one JSON line under an exclusive lock (worker processes write their rows as each defense ends)."""
+    import fcntl
+    import json
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[str, ...], device: str,
-             threads: int) -> list[dict]:
-    """Backdoor one model, then run every defense on it. Runs in a worker process."""
+             threads: int, rows_path: Path | None = None, commit: str | None = None) -> list[dict]:
+    """Backdoor one model, then run every given defense on it. Runs in a worker process; with `rows_path` each
+    defense's row is appended there as soon as it is done, so an interrupted run loses at most one defense."""
     import torch
 
     torch.set_num_threads(threads)
@@ -89,7 +110,8 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
             ctx = DefenseContext(spec=run.spec, device=dev, generator=seed_everything(seed), seed=seed,
                                  hflip=run.spec.in_channels == 3)
             t1 = time.perf_counter()
-            result = get_defense(name).run(run.model, run.clean_subset, ctx)
+            method, params = defense_params(name)
+            result = get_defense(method, params).run(run.model, run.clean_subset, ctx)
             seconds = time.perf_counter() - t1
             stages = result.stage_seconds
             after = evaluate_with_trigger(result.model, test.x, test.y, trig.x, trig.y, target)
@@ -100,6 +122,8 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
                                                 after["clean_accuracy"], after["attack_success_rate"]),
             "seconds": seconds, "stage_seconds": stages,
         })
+        if rows_path is not None:
+            append_row(rows_path, rows[-1] | {"commit": commit})
     return rows
 
 
@@ -114,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="ignore rows from an earlier (interrupted) run")
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--note", default="", help="a line the report must carry (e.g. what else shared the machine)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the report from the rows already recorded (e.g. while a run is still going)")
     args = p.parse_args(argv)
 
     dataset, arch = SUITES[args.suite]
@@ -128,23 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     log = RowLog(rows_path, KEY)
     prov = provenance()
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    units = [(a, s) for a in args.attacks for s in args.seeds
-             if not all(log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s) for d in args.defenses)]
+    # A resumed run only runs the defenses that have no row yet for that (attack, seed); seeds go first so that an
+    # interrupted run leaves whole seeds rather than a few seeds of every attack.
+    units = [(a, s, tuple(d for d in args.defenses
+                          if not log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s)))
+             for s in args.seeds for a in args.attacks]
+    units = [u for u in units if u[2]] if not args.report_only else []
     print(f"{stem}: {len(units)} units to run ({len(log.rows)} rows already there), {args.jobs} processes")
     t0 = time.perf_counter()
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_unit, dataset, arch, a, s, tuple(args.defenses), args.device, threads): (a, s)
-                   for a, s in units}
+        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, args.device, threads, rows_path,
+                               prov["commit"]): (a, s) for a, s, todo in units}
         for fut in as_completed(futures):
             a, s = futures[fut]
-            for row in fut.result():
-                if not log.has(**{k: row[k] for k in KEY}):
-                    log.add(row | {"commit": prov["commit"]})
+            fut.result()  # the worker has appended its rows already
             print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
-    write_quality_report(log.rows, args.out, stem, prov | {"wall_seconds": time.perf_counter() - t0,
-                                                            "suite": args.suite, "jobs": args.jobs,
+    log = RowLog(rows_path, KEY)  # re-read: the workers wrote the new rows
+    first: dict = {}
+    for row in log.rows:  # two runs sharing the rows file may both have done a cell: the first row counts
+        first.setdefault(log.key(row), row)
+    log.rows = list(first.values())
+    wall = {} if args.report_only else {"wall_seconds": time.perf_counter() - t0}
+    write_quality_report(log.rows, args.out, stem, prov | wall | {"suite": args.suite, "jobs": args.jobs,
                                                             **({"note": args.note} if args.note else {})})
     print(f"wrote {args.out / stem}.{{json,md,png}}")
     return 0

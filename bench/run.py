@@ -1,7 +1,7 @@
 """Regenerate every benchmark in docs/benchmarks/ (or a chosen subset) with one command.
 
     python -m bench.run                      # MNIST-5k quality table, NBA ablation, pipeline speed, service speed
-    python -m bench.run --only quality       # just the MNIST-5k small-CNN quality table (~30-45 min on 2 cores)
+    python -m bench.run --only quality       # just the MNIST-5k small-CNN quality table (time: the table header)
     python -m bench.run --only quality --suite shapes-preact   # larger tables: want a GPU
     python -m bench.run --only gpu           # the GPU ladder (bench/gpu_speed.py); skipped without CUDA
 """

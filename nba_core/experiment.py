@@ -34,6 +34,7 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist5k": ((0.1313,), (0.3086,)),
     "digits": ((0.3053,), (0.3760,)),
     "shapes32": ((0.4676, 0.4720, 0.4716), (0.2908, 0.2913, 0.2922)),
+    "fmnist": ((0.2860,), (0.3530,)),  # Fashion-MNIST's training-set statistics
 }
 
 SPLIT_SEED = 0  # the train/test split is the same for every experiment seed

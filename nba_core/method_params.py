@@ -83,28 +83,41 @@ PARAMS: dict[str, dict[str, Param]] = {
     "fp": {"holdout_fraction": _f(0.05, 0.5), "max_acc_drop": _f(0.0, 1.0), "max_prune_ratio": _f(0.0, 0.99),
            "prune_step": _f(0.0, 0.5), "epochs": _i(0, 1000), "lr": LR, "batch_size": BATCH,
            "weight_decay": _f(0.0, 0.1), "shift": SHIFT},
-    "nad": {"teacher_epochs": EPOCHS, "teacher_lr": LR, "teacher_shift": SHIFT, "epochs": EPOCHS, "lr": LR,
-            "batch_size": BATCH, "momentum": _f(0.0, 0.999), "weight_decay": _f(0.0, 0.1), "shift": SHIFT,
+    "nad": {"teacher_epochs": EPOCHS, "epochs": EPOCHS, "lr": _f(1e-6, 1.0), "lr_after": LR,
+            "lr_drop_epoch": _i(0, 1000), "batch_size": BATCH, "momentum": _f(0.0, 0.999),
+            "weight_decay": _f(0.0, 0.1), "shift": SHIFT, "cutout": _i(0, 16),
             "betas": Param(tuple, 0.0, 1e5, max_len=16), "p": _f(0.5, 8.0)},
     "anp": {"iterations": _i(1, 100_000), "batch_size": BATCH, "eps": _f(0.0, 1.0), "anp_steps": _i(1, 20),
-            "alpha": _f(0.0, 1.0), "mask_lr": _f(1e-5, 10.0),
+            "alpha": _f(0.0, 1.0), "mask_lr": _f(1e-5, 10.0), "shift": SHIFT,
             "prune_by": Param(str, choices=("threshold", "fraction")), "threshold": _f(0.0, 1.0),
             "prune_fraction": _f(0.0, 0.9), "zero_bias": BOOL},
     "ibau": {"rounds": _i(1, 200), "k_steps": _i(0, 50), "lr": _f(1e-7, 0.1), "batch_size": BATCH,
-             "norm": Param(str, choices=("l2", "linf")), "eps_rms": _f(0.0, 10.0), "eps_linf": _f(0.0, 100.0),
+             "search": Param(str, choices=("pgd", "sgd")), "search_lr": _f(0.0, 1000.0),
+             "norm": Param(str, choices=("l2", "linf", "none")), "eps_rms": _f(0.0, 10.0),
+             "eps_linf": _f(0.0, 100.0), "pixel_delta": BOOL,
              "inner_steps": _i(1, 1000), "inner_lr": _f(0.0, 10.0), "inner_reg": _f(0.0, 1.0),
              "perturbed_fraction": _f(0.0, 1.0)},
+    "sau": {"rounds": _i(1, 10_000), "batch_size": BATCH, "lr": _f(1e-8, 0.1), "weight_decay": _f(0.0, 0.1),
+            "trigger_norm": _f(0.0, 1.0), "adv_lr": _f(0.0, 1.0), "adv_steps": _i(1, 100),
+            "beta_adv": _f(0.0, 100.0), "beta_share": _f(0.0, 100.0), "lmd_clean": _f(0.0, 100.0),
+            "lmd_adv": _f(0.0, 100.0), "lmd_shared": _f(0.0, 100.0)},
+    "ftsam": {"epochs": EPOCHS, "batch_size": BATCH, "lr": _f(1e-6, 1.0), "momentum": _f(0.0, 0.999),
+              "weight_decay": _f(0.0, 0.1), "rho": _f(0.0, 100.0), "adaptive": BOOL,
+              "label_smoothing": _f(0.0, 0.5), "shift": SHIFT},
     "nba": {"teacher_epochs": _i(0, 1000), "teacher_lr": LR, "teacher_shift": SHIFT,
-            "representations": Param(str, items=("attention", "channel", "relational", "flow")),
+            "representations": Param(str, items=("attention", "channel", "relational", "flow", "gram")),
             "layers": Param(str, max_len=1024),
             "pseudo": Param(str, choices=("off", "per_sample", "universal", "class_scan", "class_scan+universal")),
             "scan_steps": STEPS, "scan_batch": BATCH, "top_k": _i(1, 1000), "refresh_every": _i(0, 1000),
             "refresh_steps": STEPS, "eps": _f(0.0, 1.0), "scan_eps": _f(0.0, 1.0), "uap_top_k": _i(1, 1000),
             "uap_steps": STEPS, "stack_delta": BOOL, "pseudo_steps": _i(0, 1000), "beta": WEIGHT,
-            "gamma": WEIGHT, "kl_weight": WEIGHT, "pseudo_ce": WEIGHT, "suspect_kd": WEIGHT,
+            "gamma": WEIGHT, "kl_weight": WEIGHT, "pseudo_ce": WEIGHT, "suspect_kd": WEIGHT, "teacher_kd": WEIGHT,
             "kd_temperature": _f(0.1, 100.0), "student_epochs": EPOCHS, "student_lr": LR,
             "student_shift": SHIFT, "batch_size": BATCH, "pseudo_mix": BOOL, "holdout_fraction": _f(0.0, 0.89)},
 }
+
+# Named parameter sets (`{"preset": name}`; the values live with each Defense class as `presets`).
+PRESETS: dict[str, tuple[str, ...]] = {"ibau": ("authors",), "nba": ("paper",)}
 
 # Params that name a number of classes: they cannot exceed the model's (checked where the spec is known).
 CLASS_COUNT_PARAMS = ("top_k", "uap_top_k")
@@ -120,11 +133,18 @@ def check_method_params(method: str, params: dict[str, Any], *, num_classes: int
         raise NBAError(UNKNOWN_METHOD, f"unknown method {method!r}; known: {', '.join(PARAMS)}")
     if not isinstance(params, dict):
         raise NBAError(INVALID_PARAMS, "params must be a JSON object")
+    preset = params.get("preset")
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS.get(method, ())):
+        raise NBAError(INVALID_PARAMS, f"unknown preset {preset!r} for {method}; known: "
+                       f"{', '.join(PRESETS.get(method, ())) or 'none'}")
+    params = {k: v for k, v in params.items() if k != "preset"}
     unknown = sorted(str(k) for k in params if k not in table)
     if unknown:
         raise NBAError(INVALID_PARAMS, f"unknown parameter(s) for {method}: {', '.join(unknown)[:500]}; "
                        f"known: {', '.join(sorted(table))}")
     clean = {name: table[name].check(method, name, value) for name, value in params.items()}
+    if preset is not None:
+        clean["preset"] = preset
     if num_classes is not None:
         for name in CLASS_COUNT_PARAMS:
             if name in clean and clean[name] > num_classes:

@@ -5,6 +5,7 @@ Both the CLI (`nba sanitize`) and the service worker call `sanitize`, so what a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -87,11 +88,11 @@ class _OverallProgress:
         self.emit(stage, _BEFORE + _DEFENSE * inner)
 
 
-def _measure(model, *, holdout: ImageSet, evidence_data: ImageSet | None, probe: ImageSet | None,
-             probe_target: int | None, num_classes: int, device, seed: int,
+def _measure(model, *, holdout: ImageSet, accuracy_on: str, evidence_data: ImageSet | None,
+             probe: ImageSet | None, probe_target: int | None, num_classes: int, device, seed: int,
              on_step: Callable[[float], None] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, holdout.x, holdout.y) if len(holdout) else None,
-                           "holdout_size": len(holdout)}
+                           "clean_accuracy_on": accuracy_on, "holdout_size": len(holdout)}
     if probe is not None and probe_target is not None:
         out["attack_success_rate"] = attack_success_rate(model, probe.x, probe.y, probe_target)
         out["robust_accuracy"] = robust_accuracy(model, probe.x, probe.y, probe_target)
@@ -149,13 +150,15 @@ def _check_request(method: str, params: dict | None, *, probe_given: bool, probe
 def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, method: str,
              params: dict | None, out_path: str, report_path: str | None = None, probe_path: str | None = None,
              probe_target: int | None = None, device: str = "auto", seed: int = 0,
-             holdout_fraction: float = 0.2, progress: Callable[[str, float], None] | None = None,
+             holdout_fraction: float = 0.0, progress: Callable[[str, float], None] | None = None,
              should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
+             eval_path: str | None = None, crossfit: int = 0,
              class_names: list[str] | None = None, allow_low_accuracy: bool = False) -> dict:
     """Sanitize the model at `model_path` with `method`; write cleaned safetensors to `out_path` and return the
     report (also written to `report_path`). Raises NBAError for bad inputs, Cancelled when asked to stop.
-    A thin file-based wrapper: loads safely, calls `sanitize_loaded`, saves atomically.
-    `spec` None: read from the checkpoint. `class_names`: label order (else the spec's, else the data's)."""
+    A thin file-based wrapper: loads safely, calls `sanitize_loaded`, saves atomically. `eval_path`: an optional
+    separate labelled clean set to measure clean accuracy on (see `sanitize_loaded`). `spec` None: read from the
+    checkpoint. `class_names`: label order (else the spec's, else the data's)."""
     t_start = time.perf_counter()
     progress = progress or no_progress
     _check_request(method, params, probe_given=probe_path is not None, probe_target=probe_target,
@@ -171,11 +174,13 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
     data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape,
                              class_names=class_names or spec.class_names)
     probe = load_dataset_file(probe_path, num_classes=spec.num_classes, expect_shape=shape) if probe_path else None
+    eval_set = load_dataset_file(eval_path, num_classes=spec.num_classes, expect_shape=shape) if eval_path else None
 
     outcome = sanitize_loaded(model, data, spec=spec, method=method, params=params, probe=probe,
                               probe_target=probe_target, device=device, seed=seed,
                               holdout_fraction=holdout_fraction, progress=progress, should_cancel=should_cancel,
-                              evidence=evidence, allow_low_accuracy=allow_low_accuracy)
+                              evidence=evidence, eval_set=eval_set, crossfit=crossfit,
+                              allow_low_accuracy=allow_low_accuracy)
     progress("save", 0.99)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     sha256 = save_model(outcome.model, out_path, spec=spec, metadata={"nba_method": method, "nba_seed": str(seed)})
@@ -198,14 +203,22 @@ class SanitizeOutcome:
 
 def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, method: str,
                     params: dict | None = None, probe: ImageSet | None = None, probe_target: int | None = None,
-                    device: str = "auto", seed: int = 0, holdout_fraction: float = 0.2,
+                    device: str = "auto", seed: int = 0, holdout_fraction: float = 0.0,
                     progress: Callable[[str, float], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
+                    eval_set: ImageSet | None = None, crossfit: int = 0,
                     allow_low_accuracy: bool = False) -> SanitizeOutcome:
     """The in-memory core: check, measure, defend, measure again. A model near chance on `data` is refused
-    (sanity.py) unless `allow_low_accuracy`; `data.class_names` (when known) names the labels in the report. `model` takes pixels in [0, 1] (N×C×H×W, the geometry
+    (sanity.py) unless `allow_low_accuracy`; `data.class_names` (when known) names the labels in the report.
+    `model` takes pixels in [0, 1] (N×C×H×W, the geometry
     of `spec`) and names its stage outputs in `model.behavior_layers`; `data` is the clean subset. Nothing is read
-    or written on disk. Raises NBAError for bad inputs, Cancelled when asked to stop."""
+    or written on disk. Raises NBAError for bad inputs, Cancelled when asked to stop.
+
+    The defense trains on all of `data` (what the benchmark measures) unless holdout_fraction > 0. Clean accuracy
+    is measured on `eval_set` when given, else on the held-out part, else on `data` itself -- flagged
+    `clean_accuracy_on: "clean_subset"`, optimistic after the defense since it trained on those images.
+    crossfit = K ≥ 2 adds an honest K-fold estimate of the clean-accuracy change (nba_core/crossfit.py; K more
+    defense runs). docs/baselines.md, "Held-out split"."""
     t_start = time.perf_counter()
     progress = progress or no_progress
     should_cancel = should_cancel or never_cancel
@@ -221,8 +234,10 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
         np.arange(len(data)), np.arange(0))
     train_part, holdout = data.subset(train_idx), data.subset(hold_idx)
     evidence_data = data if evidence else None
-    measure = dict(holdout=holdout, evidence_data=evidence_data, probe=probe, probe_target=probe_target,
-                   num_classes=spec.num_classes, device=dev, seed=seed)
+    accuracy_set, accuracy_on = ((eval_set, "eval_set") if eval_set is not None else
+                                 (holdout, "holdout") if len(holdout) else (data, "clean_subset"))
+    measure = dict(holdout=accuracy_set, accuracy_on=accuracy_on, evidence_data=evidence_data, probe=probe,
+                   probe_target=probe_target, num_classes=spec.num_classes, device=dev, seed=seed)
 
     bar = _OverallProgress(progress, expected_stages=len(getattr(defense, "stages", ())) or 2)
     bar.emit("check", 0.0)
@@ -252,22 +267,34 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     after = _measure(result.model, **measure,
                      on_step=lambda f: bar.emit("evaluate_after", _BEFORE + _DEFENSE + 0.09 * f))
     t_after = time.perf_counter() - t0
+    crossfit_result = None
+    if crossfit:
+        from .crossfit import crossfit_accuracy_change
+
+        t0 = time.perf_counter()
+        crossfit_result = crossfit_accuracy_change(
+            defense, model, train_part, crossfit, seed,
+            lambda s: DefenseContext(spec=spec, device=dev, generator=seed_everything(s), seed=s,
+                                     should_cancel=should_cancel, hflip=spec.in_channels == 3))
+        crossfit_result["seconds"] = time.perf_counter() - t0
 
     report = {
         "kind": "nba-sanitize-report",
         "note": "NBA as reconstructed from the published abstract (Ying & Wu, 2023); see README.",
         "nba_core_version": __version__,
         "method": method,
-        "params": defense.defaults() | (params or {}),
+        "params": dataclasses.asdict(defense.config) | ({"preset": params["preset"]} if params and "preset" in params else {}),
         "seed": seed,
         "device": str(dev),
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "spec": spec.model_dump(mode="json"),
         "data": {"clean_subset": len(data), "defense_train": len(train_part), "holdout": len(holdout),
+                 "eval_set": len(eval_set) if eval_set is not None else None, "clean_accuracy_on": accuracy_on,
                  "probe": len(probe) if probe is not None else None, "probe_target": probe_target,
                  "class_names": names, "class_counts": counts, "clean_accuracy_all_before": accuracy_all},
         "warnings": warnings,
         "metrics": {"before": before, "after": after},
+        "crossfit": crossfit_result,
         "timing": {"total_seconds": time.perf_counter() - t_start, "evaluate_before_seconds": t_before,
                    "defense_seconds": t_defense, "evaluate_after_seconds": t_after,
                    "stages": result.stage_seconds},

@@ -30,9 +30,11 @@ def never_cancel() -> bool:
     return False
 
 
-def augment(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random integer translation by up to ±shift pixels (zero fill) and optional horizontal flip, batched."""
-    if shift <= 0 and not hflip:
+def augment(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Generator | None = None,
+            cutout: int = 0) -> torch.Tensor:
+    """Random integer translation by up to ±shift pixels (zero fill), optional horizontal flip and, with cutout > 0,
+    one zeroed square of side `cutout` per image at a random centre (clipped at the border), batched."""
+    if shift <= 0 and not hflip and cutout <= 0:
         return x
     n = x.shape[0]
     out = x
@@ -51,6 +53,15 @@ def augment(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Genera
     if hflip:
         flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+    if cutout > 0:
+        h, w = x.shape[-2:]
+        cy = torch.randint(0, h, (n,), generator=generator).to(x.device).view(n, 1, 1)
+        cx = torch.randint(0, w, (n,), generator=generator).to(x.device).view(n, 1, 1)
+        rows = torch.arange(h, device=x.device).view(1, h, 1)
+        cols = torch.arange(w, device=x.device).view(1, 1, w)
+        half = cutout // 2
+        hole = (rows >= cy - half) & (rows < cy + half + cutout % 2) & (cols >= cx - half) & (cols < cx + half + cutout % 2)
+        out = out * (~hole).unsqueeze(1).to(out.dtype)
     return out
 
 
@@ -65,11 +76,19 @@ class TrainConfig:
     hflip: bool = False
     schedule: str = "cosine"  # cosine | step | constant
     label_smoothing: float = 0.0
+    cutout: int = 0  # side of one zeroed square per image (0 = off)
+    # Per-epoch learning rates overriding `schedule` when given: epoch e uses epoch_lrs[min(e, len - 1)]
+    # (e.g. NAD's 0.1 for two epochs then 0.01: (0.1, 0.1, 0.01)).
+    epoch_lrs: tuple = ()
 
 
-def make_optimizer(params, cfg: TrainConfig, steps: int):
+def make_optimizer(params, cfg: TrainConfig, steps: int, steps_per_epoch: int = 1):
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    if cfg.schedule == "cosine":
+    if cfg.epoch_lrs:
+        lrs = tuple(cfg.epoch_lrs)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lrs[min(s // max(steps_per_epoch, 1), len(lrs) - 1)] / cfg.lr)
+    elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     elif cfg.schedule == "step":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** int(s >= steps * 0.5) * 0.1 ** int(s >= steps * 0.75))
@@ -104,7 +123,8 @@ def train_classifier(
     """
     device = x.device
     steps_per_epoch = max(1, math.ceil(len(y) / cfg.batch_size))
-    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, cfg.epochs * steps_per_epoch)
+    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, cfg.epochs * steps_per_epoch,
+                                steps_per_epoch)
     log = []
     for epoch in range(cfg.epochs):
         model.train()
@@ -113,7 +133,7 @@ def train_classifier(
             if should_cancel():
                 raise Cancelled()
             idx = idx.to(device)
-            xb = augment(x[idx], shift=cfg.shift, hflip=cfg.hflip, generator=generator)
+            xb = augment(x[idx], shift=cfg.shift, hflip=cfg.hflip, generator=generator, cutout=cfg.cutout)
             yb = y[idx]
             with autocast(device):
                 logits = model(xb)

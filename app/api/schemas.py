@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.models import Artifact, Job
 
-Method = Literal["nba", "nad", "ft", "fp", "anp", "ibau"]
+Method = Literal["nba", "nad", "ft", "fp", "anp", "ibau", "sau", "ftsam"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -44,7 +44,7 @@ class JobCreate(BaseModel):
 
     model_id: str = Field(max_length=36)
     dataset_id: str = Field(max_length=36)
-    method: str = Field(max_length=32, description="nba | nad | ft | fp | anp | ibau")
+    method: str = Field(max_length=32, description="nba | nad | ft | fp | anp | ibau | sau | ftsam")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (validated by the worker)")
     probe_id: str | None = Field(default=None, max_length=36, description="a triggered probe set (POST /v1/probes)")
     probe_target: int | None = Field(default=None, ge=0, description="the backdoor target class of the probe")

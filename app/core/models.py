@@ -32,7 +32,7 @@ ARTIFACT_KINDS = ("model", "dataset", "probe", "result", "report")
 ARTIFACT_FORMATS = ("safetensors", "pt", "npz", "zip", "tar", "json", "html", "png")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-METHODS = ("nba", "nad", "ft", "fp", "anp", "ibau")
+METHODS = ("nba", "nad", "ft", "fp", "anp", "ibau", "sau", "ftsam")  # = nba_core.defenses.METHODS (a test checks)
 
 
 def utcnow() -> datetime:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import NBAError, UNKNOWN_DATASET
@@ -26,6 +29,49 @@ def load_digits8() -> ImageSet:
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     return ImageSet(x, d.target.astype(np.int64))
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+FASHION_MNIST_PER_CLASS = 600  # fmnist = 6,000 images: the first 600 of each class in the official training file
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST family's format), gzipped or not: magic 0x00 0x00 type ndim, big-endian int32 dims,
+    then the data. Only unsigned-byte data is accepted; sizes are checked against the header before reshaping."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise NBAError(UNKNOWN_DATASET, f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4"))
+    if len(raw) - header != int(np.prod(dims)):
+        raise NBAError(UNKNOWN_DATASET, f"{path}: {len(raw) - header} data bytes, header says {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_fashion_mnist(folder: Path | None = None, per_class: int = FASHION_MNIST_PER_CLASS) -> ImageSet:
+    """Fashion-MNIST (Zalando, 28×28 grey, 10 clothing classes) from the Debian package's IDX files: a fixed
+    subset of `per_class` images per class from the training file (deterministic: the first ones of each class)."""
+    folder = folder or FASHION_MNIST_DIR
+    images, labels = _find_idx(folder, "train-images-idx3-ubyte"), _find_idx(folder, "train-labels-idx1-ubyte")
+    if images is None or labels is None:
+        raise NBAError(UNKNOWN_DATASET, f"fmnist needs Fashion-MNIST's IDX files in {folder}; install them with "
+                                        "`apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu)")
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.shape[1:] != (28, 28):
+        raise NBAError(UNKNOWN_DATASET, f"{folder}: unexpected Fashion-MNIST shapes {x.shape} / {y.shape}")
+    keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
+    keep.sort()
+    return ImageSet((x[keep][:, None] / 255.0).astype(np.float32), y[keep].astype(np.int64))
 
 
 def make_shapes32(per_class: int = 500, seed: int = 1234) -> ImageSet:
@@ -68,6 +114,7 @@ BUILTIN_DATASETS = {
     "mnist5k": load_mnist5k,
     "digits": load_digits8,
     "shapes32": make_shapes32,
+    "fmnist": load_fashion_mnist,
 }
 
 # What an image of each built-in dataset looks like, for specs and augmentation defaults.
@@ -75,6 +122,8 @@ DATASET_INFO = {
     "mnist5k": {"in_channels": 1, "input_size": (28, 28), "hflip": False, "num_classes": 10},
     "digits": {"in_channels": 1, "input_size": (8, 8), "hflip": False, "num_classes": 10},
     "shapes32": {"in_channels": 3, "input_size": (32, 32), "hflip": True, "num_classes": 10},
+    # Horizontal flips keep clothing labels, but the protocol's patch triggers sit in a corner: off, as for MNIST.
+    "fmnist": {"in_channels": 1, "input_size": (28, 28), "hflip": False, "num_classes": 10},
 }
 
 
@@ -87,7 +136,8 @@ def load_builtin(name: str) -> ImageSet:
 
 
 def train_test(name: str, test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """Deterministic stratified train/test split of a built-in dataset (MNIST-5k: 4,000 / 1,000)."""
+    """Deterministic stratified train/test split of a built-in dataset (MNIST-5k: 4,000 / 1,000; fmnist:
+    4,800 / 1,200)."""
     data = load_builtin(name)
     train_idx, test_idx = stratified_split(data.y, test_fraction, seed)
     return data.subset(train_idx), data.subset(test_idx)

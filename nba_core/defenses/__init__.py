@@ -1,4 +1,4 @@
-"""Defenses by name: ft, fp, nad, anp, ibau, nba."""
+"""Defenses by name: ft, fp, nad, anp, ibau, sau, ftsam, nba."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ _DEFENSES = {
     "nad": "nad:NAD",
     "anp": "anp:ANP",
     "ibau": "ibau:IBAU",
+    "sau": "sau:SAU",
+    "ftsam": "ftsam:FTSAM",
     "nba": "nba:NBA",
 }
 METHODS: tuple[str, ...] = tuple(_DEFENSES)

@@ -15,7 +15,7 @@ modelled); `zero_bias=True` also zeroes the bias.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch.func import functional_call
 from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, Cancelled, NBAError
 from ..models.base import SpecModel
-from ..train import iterate_batches
+from ..train import augment
 from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .finetune import check_range, clean_tensors, working_copy
 
@@ -72,23 +72,29 @@ class NeuronPerturbation:
         return [m.detach().clone() for m in self.masks]
 
 
+def _param(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ANPConfig:
-    # the paper uses 2000 on CIFAR-10 (GPU); a CPU-sized budget (< 60 s on 2 cores)
-    iterations: int = param(200, "optimisation steps of the neuron masks")
-    batch_size: int = param(128, "images per step")
-    # bound of the multiplicative neuron perturbation
-    eps: float = param(0.4, "bound of the adversarial multiplicative neuron perturbation")
-    # signed-gradient steps of the inner maximisation
-    anp_steps: int = param(1, "gradient steps of the inner (perturbation) maximisation")
-    # weight of the natural loss (1 − alpha on the perturbed loss)
-    alpha: float = param(0.2, "weight of the natural loss (1 - alpha on the perturbed loss)")
-    mask_lr: float = param(0.2, "learning rate of the neuron masks")
-    # threshold | fraction
-    prune_by: str = param("threshold", "threshold (prune masks below `threshold`) | fraction (prune the lowest `prune_fraction`)")
-    threshold: float = param(0.2, "mask value below which a neuron is pruned (prune_by=threshold)")
-    prune_fraction: float = param(0.05, "share of neurons pruned (prune_by=fraction)")
-    zero_bias: bool = param(False, "also zero the bias of pruned neurons")
+    """Defaults = the authors' (csdongxian/ANP_backdoor: optimize_mask_cifar.py, prune_neuron_cifar.py, README;
+    see docs/baselines.md)."""
+
+    iterations: int = _param(2000, "mask-optimisation iterations, one mini-batch each (authors: nb-iter 2000)")
+    batch_size: int = _param(128, "images per iteration, drawn with replacement (authors: 128, RandomSampler "
+                                  "with replacement)")
+    eps: float = _param(0.4, "bound of the random start of the multiplicative neuron noise (authors: anp-eps 0.4)")
+    anp_steps: int = _param(1, "signed-gradient steps of the inner maximisation, each of size eps/anp_steps "
+                               "(authors: 1)")
+    alpha: float = _param(0.2, "weight of the natural loss; 1 − alpha weighs the perturbed loss (authors: 0.2)")
+    mask_lr: float = _param(0.2, "SGD (momentum 0.9) learning rate of the masks (authors: 0.2)")
+    shift: int = _param(4, "random translation up to ±shift px of each batch, i.e. RandomCrop padding (authors: 4)")
+    prune_by: str = _param("threshold", "threshold: prune neurons whose mask ≤ threshold; fraction: the lowest "
+                                        "prune_fraction of all neurons")
+    threshold: float = _param(0.2, "mask value at or below which a neuron is pruned (authors' README: 0.2)")
+    prune_fraction: float = _param(0.05, "share of all neurons pruned when prune_by = fraction")
+    zero_bias: bool = _param(False, "also zero the pruned neurons' BN bias (authors: weight only)")
 
     def __post_init__(self) -> None:
         check_range("iterations", self.iterations, 1, 100000)
@@ -97,6 +103,7 @@ class ANPConfig:
         check_range("anp_steps", self.anp_steps, 1, 20)
         check_range("alpha", self.alpha, 0.0, 1.0)
         check_range("mask_lr", self.mask_lr, 1e-5, 10.0)
+        check_range("shift", self.shift, 0, 8)
         check_range("threshold", self.threshold, 0.0, 1.0)
         check_range("prune_fraction", self.prune_fraction, 0.0, 0.9)
         if self.prune_by not in ("threshold", "fraction"):
@@ -113,49 +120,49 @@ def learn_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ANPConf
     mask_opt = torch.optim.SGD(pert.masks, lr=cfg.mask_lr, momentum=0.9)
     step_size = cfg.eps / cfg.anp_steps
     report_every = max(1, cfg.iterations // 50)
-    it, nat_sum, rob_sum = 0, 0.0, 0.0
-    while it < cfg.iterations:
-        for idx in iterate_batches(len(y), cfg.batch_size, ctx.generator):
-            if it >= cfg.iterations:
-                break
-            if ctx.should_cancel():
-                raise Cancelled()
-            idx = idx.to(x.device)
-            xb, yb = x[idx], y[idx]
-            if cfg.eps > 0:  # inner maximisation over the neuron noise
-                pert.reset_noise(ctx.generator)
-                for _ in range(cfg.anp_steps):
-                    loss_adv = F.cross_entropy(pert.forward(model, xb, perturbed=True), yb)
-                    grads = torch.autograd.grad(loss_adv, pert.noise_w + pert.noise_b)
-                    with torch.no_grad():
-                        for t, g in zip(pert.noise_w + pert.noise_b, grads):
-                            t.add_(step_size * g.sign()).clamp_(-cfg.eps, cfg.eps)
-                loss_rob = F.cross_entropy(pert.forward(model, xb, perturbed=True), yb)
-            else:
-                loss_rob = torch.zeros((), device=x.device)
-            loss_nat = F.cross_entropy(pert.forward(model, xb, perturbed=False), yb)
-            loss = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
-            mask_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            mask_opt.step()
-            with torch.no_grad():
-                for m in pert.masks:
-                    m.clamp_(0.0, 1.0)
-            it += 1
-            nat_sum += float(loss_nat.detach())
-            rob_sum += float(loss_rob.detach())
-            if it % report_every == 0 or it == cfg.iterations:
-                log.append({"stage": "mask", "iteration": it, "loss_nat": nat_sum / report_every,
-                            "loss_rob": rob_sum / report_every})
-                nat_sum = rob_sum = 0.0
-                ctx.progress("mask", it / cfg.iterations)
+    nat_sum, rob_sum = 0.0, 0.0
+    for it in range(cfg.iterations):
+        if ctx.should_cancel():
+            raise Cancelled()
+        # As the authors: every batch is drawn with replacement from D and augmented.
+        idx = torch.randint(len(y), (cfg.batch_size,), generator=ctx.generator).to(x.device)
+        xb = augment(x[idx], shift=cfg.shift, hflip=ctx.hflip, generator=ctx.generator)
+        yb = y[idx]
+        if cfg.eps > 0:  # inner maximisation over the neuron noise
+            pert.reset_noise(ctx.generator)
+            for _ in range(cfg.anp_steps):
+                loss_adv = F.cross_entropy(pert.forward(model, xb, perturbed=True), yb)
+                grads = torch.autograd.grad(loss_adv, pert.noise_w + pert.noise_b)
+                with torch.no_grad():
+                    # No projection after the step: the authors' noise optimiser only takes the signed step,
+                    # so the noise may end up to 2·eps from 0 (random start + one step of eps).
+                    for t, g in zip(pert.noise_w + pert.noise_b, grads):
+                        t.add_(step_size * g.sign())
+            loss_rob = F.cross_entropy(pert.forward(model, xb, perturbed=True), yb)
+        else:
+            loss_rob = torch.zeros((), device=x.device)
+        loss_nat = F.cross_entropy(pert.forward(model, xb, perturbed=False), yb)
+        loss = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
+        mask_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mask_opt.step()
+        with torch.no_grad():
+            for m in pert.masks:
+                m.clamp_(0.0, 1.0)
+        nat_sum += float(loss_nat.detach())
+        rob_sum += float(loss_rob.detach())
+        if (it + 1) % report_every == 0 or it + 1 == cfg.iterations:
+            log.append({"stage": "mask", "iteration": it + 1, "loss_nat": nat_sum / report_every,
+                        "loss_rob": rob_sum / report_every})
+            nat_sum = rob_sum = 0.0
+            ctx.progress("mask", (it + 1) / cfg.iterations)
     return pert
 
 
 def select_pruned(masks: list[torch.Tensor], cfg: ANPConfig) -> list[torch.Tensor]:
     """Per BN layer, a boolean vector of neurons to prune (below threshold, or the globally lowest fraction)."""
     if cfg.prune_by == "threshold":
-        return [m < cfg.threshold for m in masks]
+        return [m <= cfg.threshold for m in masks]  # the authors prune values <= threshold
     flat = torch.cat(masks)
     k = int(round(cfg.prune_fraction * flat.numel()))
     chosen = torch.zeros_like(flat, dtype=torch.bool)

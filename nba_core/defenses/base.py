@@ -67,6 +67,8 @@ class StageTimer:
 class Defense:
     name: ClassVar[str] = "defense"
     Config: ClassVar[type] = type("Config", (), {})
+    # Named parameter sets: `{"preset": "authors"}` starts from presets["authors"]; other keys given with it win.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, **params: Any):
         self.config = self.make_config(params)
@@ -78,6 +80,13 @@ class Defense:
 
         if cls.name in PARAMS:  # the shared bounds table (the API applies the same one before queueing)
             params = check_method_params(cls.name, params)
+        params = dict(params)
+        preset = params.pop("preset", None)
+        if preset is not None:
+            if not isinstance(preset, str) or preset not in cls.presets:
+                raise NBAError(INVALID_PARAMS, f"unknown preset {preset!r} for {cls.name}; known: "
+                                               f"{', '.join(sorted(cls.presets)) or 'none'}", http_status=422)
+            params = {**cls.presets[preset], **params}
         fields = {f.name: f for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(params) - set(fields))
         if unknown:

@@ -28,7 +28,7 @@ def attention_distance(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p
 # squared L2 distance per sample (in [0, 4]), averaged over the batch, so weights mean the same thing for every
 # representation and layer size (NAD's mean-over-pixels distance shrinks with the map size instead).
 
-REPRESENTATIONS: tuple[str, ...] = ("attention", "channel", "relational", "flow")
+REPRESENTATIONS: tuple[str, ...] = ("attention", "channel", "relational", "flow", "gram")
 
 
 def _as_map(feat: torch.Tensor) -> torch.Tensor:
@@ -59,6 +59,14 @@ def flow_repr(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
     return F.normalize(g.flatten(1), dim=1)
 
 
+def gram_repr(feat: torch.Tensor) -> torch.Tensor:
+    """Response behaviour in the paper's form: per sample, the C×C Gram matrix of the channel maps (inner products
+    over H×W, divided by H·W), flattened and L2-normalised -- which channels respond together, not where."""
+    f = _as_map(feat).float().flatten(2)  # B×C×P
+    g = torch.bmm(f, f.transpose(1, 2)) / f.shape[2]
+    return F.normalize(g.flatten(1), dim=1)
+
+
 def _sq_dist(rs: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
     return (rs - rt).pow(2).sum(1).mean()
 
@@ -76,7 +84,8 @@ def behavior_distance(kind: str, student_feats: list[torch.Tensor], teacher_feat
             rt = flow_repr(teacher_feats[i], teacher_feats[i + 1])
             total = total + weights[i + 1] * _sq_dist(rs, rt)
         return total
-    fn = {"attention": attention_map, "channel": channel_repr, "relational": relational_repr}.get(kind)
+    fn = {"attention": attention_map, "channel": channel_repr, "relational": relational_repr,
+          "gram": gram_repr}.get(kind)
     if fn is None:
         raise ValueError(f"unknown representation {kind!r}; known: {', '.join(REPRESENTATIONS)}")
     for w, fs, ft in zip(weights, student_feats, teacher_feats):

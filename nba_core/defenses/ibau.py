@@ -23,7 +23,7 @@ of it) and keeps plain CE on the rest; BN runs in eval mode during unlearning (s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -40,6 +40,8 @@ from .finetune import check_range, clean_tensors, working_copy
 
 def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Project a single perturbation (C×H×W) onto the L2 or L∞ ball of radius eps."""
+    if norm == "none":
+        return delta
     if norm == "linf":
         return delta.clamp(-eps, eps)
     n = delta.norm()
@@ -67,57 +69,88 @@ def implicit_hypergradient(params: list[torch.Tensor], delta: torch.Tensor,
     return total, float(outer.detach())
 
 
+def _param(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class IBAUConfig:
-    # BackdoorBench n_rounds
-    rounds: int = param(5, "outer rounds: find a universal adversarial perturbation, then unlearn it")
-    # fixed-point iterations of the hypergradient (BackdoorBench K)
-    k_steps: int = param(5, "fixed-point iterations used to approximate the implicit hypergradient")
-    # Adam, outer problem (paper's code: 1e-3; BackdoorBench 1e-4 with 12x more data)
-    lr: float = param(1e-3, "Adam learning rate of the model update (outer problem)")
-    batch_size: int = param(64, "images per step")
-    # l2 | linf, measured in normalised input units
-    norm: str = param("l2", "bound on the perturbation: l2 | linf (in normalised input units)")
-    # L2 bound per √(input values), normalised units: 10 on 3×32×32
-    eps_rms: float = param(10.0 / 3072**0.5, "L2 bound per square root of the number of input values (norm=l2)")
-    # normalised units (≈ 0.15 in pixels for std 0.3)
-    eps_linf: float = param(0.5, "L-infinity bound of the perturbation (norm=linf)")
-    # PGD steps of the universal-perturbation search per round
-    inner_steps: int = param(10, "gradient steps of the perturbation search per round")
-    inner_lr: float = param(0.1, "step size of the perturbation's fixed-point map")  # η of the fixed-point map Φ
-    # λ‖δ‖² in the inner loss (keeps the fixed point well-posed)
-    inner_reg: float = param(1e-4, "weight of the perturbation's squared norm in the inner loss")
-    perturbed_fraction: float = param(0.5, "share of each batch that gets the perturbation during unlearning")
+    """Defaults = the project's stronger variant (named deviations in docs/baselines.md); the authors' own
+    configuration (YiZeng623/I-BAU defense.py) is the preset `{"preset": "authors"}`."""
+
+    rounds: int = _param(5, "unlearning rounds (authors: n_rounds 5)")
+    k_steps: int = _param(5, "fixed-point iterations of the implicit hypergradient (authors: K 5)")
+    lr: float = _param(1e-3, "Adam learning rate of the outer (model) update (authors: 1e-3)")
+    batch_size: int = _param(64, "mini-batch size of the unlearning pass (authors: 100)")
+    search: str = _param("pgd", "how δ is searched each round: pgd = inner_steps projected normalised-gradient "
+                                "steps on random batches (project); sgd = one plain SGD step of size search_lr per "
+                                "batch over one pass of D, no projection (authors)")
+    search_lr: float = _param(10.0, "search = sgd: SGD step size on δ (authors: 10)")
+    norm: str = _param("l2", "l2 | linf | none: the ball δ is projected onto (authors: none, their L2 projection "
+                             "is commented out)")
+    eps_rms: float = _param(10.0 / 3072**0.5, "norm l2: radius per √(input values) in normalised units, i.e. 10 "
+                                              "on 3×32×32")
+    eps_linf: float = _param(0.5, "norm linf: radius in normalised units")
+    pixel_delta: bool = _param(False, "δ in pixel units instead of the model's normalised input units (authors: "
+                                      "pixel units, their models see [0, 1] images)")
+    inner_steps: int = _param(10, "search = pgd: steps of the universal-perturbation search per round")
+    inner_lr: float = _param(0.1, "η of the fixed-point map Φ = δ − η ∇_δ L_in (authors: 0.1)")
+    inner_reg: float = _param(1e-4, "λ of λ‖δ‖² in the inner loss (authors: 0.001)")
+    perturbed_fraction: float = _param(0.5, "share of each outer batch that gets δ (authors: 0.01)")
 
     def __post_init__(self) -> None:
         check_range("rounds", self.rounds, 1, 200)
         check_range("k_steps", self.k_steps, 0, 50)
         check_range("lr", self.lr, 1e-7, 0.1)
         check_range("batch_size", self.batch_size, 1, 4096)
+        check_range("search_lr", self.search_lr, 0.0, 1000.0)
         check_range("eps_rms", self.eps_rms, 0.0, 10.0)
         check_range("eps_linf", self.eps_linf, 0.0, 100.0)
         check_range("inner_steps", self.inner_steps, 1, 1000)
         check_range("inner_lr", self.inner_lr, 0.0, 10.0)
         check_range("inner_reg", self.inner_reg, 0.0, 1.0)
         check_range("perturbed_fraction", self.perturbed_fraction, 0.0, 1.0)
-        if self.norm not in ("l2", "linf"):
-            raise NBAError(INVALID_PARAMS, f"ibau.norm must be l2 or linf, got {self.norm!r}")
+        if self.norm not in ("l2", "linf", "none"):
+            raise NBAError(INVALID_PARAMS, f"ibau.norm must be l2, linf or none, got {self.norm!r}")
+        if self.search not in ("pgd", "sgd"):
+            raise NBAError(INVALID_PARAMS, f"ibau.search must be pgd or sgd, got {self.search!r}")
 
     def eps(self, input_values: int) -> float:
+        if self.norm == "none":
+            return float("inf")
         return self.eps_rms * input_values**0.5 if self.norm == "l2" else self.eps_linf
+
+
+# YiZeng623/I-BAU defense.py: batch 100, Adam 1e-3, 5 rounds, K 5, inner GD 0.1, ‖δ‖² weight 0.001, δ searched by
+# SGD (lr 10) one step per batch without projection, 1 % of each outer batch perturbed, δ in pixel units.
+AUTHORS_PRESET = {"batch_size": 100, "lr": 1e-3, "rounds": 5, "k_steps": 5, "search": "sgd", "search_lr": 10.0,
+                  "norm": "none", "pixel_delta": True, "inner_lr": 0.1, "inner_reg": 1e-3, "perturbed_fraction": 0.01}
 
 
 class IBAU(Defense):
     name = "ibau"
     Config = IBAUConfig
+    presets = {"authors": AUTHORS_PRESET}
     stages = ("unlearn",)
 
     def search_perturbation(self, net: nn.Module, x: torch.Tensor, std: torch.Tensor, delta: torch.Tensor,
                             eps: float, ctx: DefenseContext) -> torch.Tensor:
-        """Universal δ (normalised units) maximising CE against the model's own predictions; projected PGD."""
+        """Universal δ maximising CE against the model's own predictions: projected PGD, or (search = sgd) the
+        authors' one SGD step on −CE + λ‖δ‖² per batch over one pass of D."""
         cfg = self.config
         net.eval()
         labels = predict_logits(net, x).argmax(1)
+        if cfg.search == "sgd":
+            delta = delta.detach()
+            for idx in iterate_batches(len(x), cfg.batch_size, ctx.generator):
+                if ctx.should_cancel():
+                    raise Cancelled()
+                idx = idx.to(x.device)
+                d = delta.clone().requires_grad_(True)
+                loss = -F.cross_entropy(net(x[idx] + d * std), labels[idx]) + cfg.inner_reg * d.pow(2).sum()
+                (g,) = torch.autograd.grad(loss, d)
+                delta = project(delta - cfg.search_lr * g, cfg.norm, eps)
+            return delta
         step = 2.5 * eps / cfg.inner_steps
         delta = delta.detach()
         batches = iter(())
@@ -146,6 +179,8 @@ class IBAU(Defense):
         x, y = clean_tensors(clean, ctx.device)
         net = working_copy(model, ctx.device)
         std = net.normalize.std.to(ctx.device)  # δ_pixel = δ_normalised · std
+        if cfg.pixel_delta:
+            std = torch.ones_like(std)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.lr)
         delta = torch.zeros(x.shape[1:], device=ctx.device)
@@ -165,7 +200,7 @@ class IBAU(Defense):
                         raise Cancelled()
                     idx = idx.to(ctx.device)
                     xb, yb = x[idx], y[idx]
-                    n_pert = int(round(cfg.perturbed_fraction * len(idx)))
+                    n_pert = int(cfg.perturbed_fraction * len(idx))  # floor, as the authors' int(number*portion)
                     pert_mask = torch.zeros(len(idx), 1, 1, 1, device=ctx.device)
                     pert_mask[torch.randperm(len(idx), generator=ctx.generator)[:n_pert].to(ctx.device)] = 1.0
 
@@ -187,7 +222,7 @@ class IBAU(Defense):
                 ctx.progress("unlearn", (r + 1) / cfg.rounds)
         net.eval()
         return DefenseResult(model=net, log=log, stage_seconds=timer.seconds,
-                             info={"final_delta_norm": float(delta.norm()), "norm": cfg.norm, "eps": eps})
+                             info={"final_delta_norm": float(delta.norm()), "norm": cfg.norm, "eps": eps if eps != float("inf") else None})
 
     @staticmethod
     def _fooling(net: nn.Module, x: torch.Tensor, std: torch.Tensor, delta: torch.Tensor) -> float:

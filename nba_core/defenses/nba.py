@@ -35,7 +35,7 @@ PSEUDO_MODES = ("off", "per_sample", "universal", "class_scan", "class_scan+univ
 @dataclass
 class NBAConfig:
     # Teacher (NBA.md §5 lesson 1: it must be trained hard enough to break the backdoor).
-    teacher_epochs: int = param(10, "epochs training the teacher, hard enough to break the backdoor")
+    teacher_epochs: int = param(10, "epochs training the teacher (fine-tuned from the suspect model) hard enough to break the backdoor")
     teacher_lr: float = param(0.1, "teacher learning rate")
     teacher_shift: int = param(2, "random translation (pixels) while training the teacher")
     # Knowledge form: comma-separated subset of attention, channel, relational, flow; layers "" = model's stages.
@@ -71,9 +71,12 @@ class NBAConfig:
     # on x̃ taught S the trigger back, ASR 93 %; with kl_weight 0 ASR 0.3 %), and aligning behaviour on x̃
     # (gamma) was worse than not (SIG 21 vs 9 % ASR). D's true labels on x̃ (pseudo_ce) do the unlearning;
     # weight 2 took Trojan 7.8 → 1.8 %, SIG 9.0 → 2.2 %, BadNets s0 4.0 → 0.7 % ASR for ≤ 0.4 CA points.
-    beta: float = param(1.0, "weight of behaviour alignment on clean inputs")  # clean-input behaviour alignment
-    gamma: float = param(0.0, "weight of behaviour alignment on pseudo samples")  # pseudo-sample behaviour alignment
-    kl_weight: float = param(0.0, "weight of KL(teacher || student) on pseudo samples")  # λ: KL(T(x̃) ‖ S(x̃))
+    # clean-input behaviour alignment
+    beta: float = param(1.0, "weight of behaviour alignment on clean inputs")
+    # pseudo-sample behaviour alignment
+    gamma: float = param(0.0, "weight of behaviour alignment on pseudo samples")
+    # λ: KL(T(x̃) ‖ S(x̃))
+    kl_weight: float = param(0.0, "weight of KL(teacher || student) on pseudo samples")
     # CE(S(x̃), y): D's true labels on pseudo samples (Neural-Cleanse-style unlearning)
     pseudo_ce: float = param(2.0, "weight of cross-entropy with the true labels on pseudo samples (the unlearning term)")
     # KL(B(x) ‖ S(x)) at temperature kd_temperature on CLEAN inputs, B = the suspect model: its clean-input
@@ -82,6 +85,8 @@ class NBAConfig:
     # 1.90 → 1.27 points and ASR 1.20 → 1.07 %; 0.3 and 2 were in between (docs/benchmarks/nba_defaults_validation.md).
     suspect_kd: float = param(1.0, "weight of distillation from the suspect model on clean inputs (keeps clean accuracy)")
     kd_temperature: float = param(2.0, "temperature of that distillation")
+    # Prediction behaviour in the paper's form: KL(T(x) ‖ S(x)) at kd_temperature on clean inputs (the paper preset).
+    teacher_kd: float = param(0.0, "weight of distillation from the teacher on clean inputs (KL at kd_temperature)")
     # Student.
     student_epochs: int = param(20, "epochs training the student")
     student_lr: float = param(0.01, "student learning rate")
@@ -238,9 +243,19 @@ class _DisagreementPseudo(_Pseudo):
         return (xb + delta.detach()).clamp(0, 1)
 
 
+# NBA in the paper's own form (NBA.md §1, secondary summary of the full text): a learning distillation loss over
+# response behaviour (Gram matrices of the stage outputs), learning behaviour (the FSP-style flow between adjacent
+# stages) and prediction behaviour (softmax at a temperature, teacher → student), plus an unlearning distillation
+# loss aligning the student's behaviour on crafted pseudo samples with the teacher's (same representations, and the
+# teacher's softmax). No true-label CE on x̃ and no suspect-model anchor: those are this project's additions.
+PAPER_PRESET = {"representations": "gram,flow", "beta": 1.0, "teacher_kd": 1.0, "kd_temperature": 2.0,
+                "gamma": 1.0, "kl_weight": 1.0, "pseudo_ce": 0.0, "suspect_kd": 0.0}
+
+
 class NBA(Defense):
     name: ClassVar[str] = "nba"
     Config: ClassVar[type] = NBAConfig
+    presets: ClassVar[dict] = {"paper": PAPER_PRESET}
     stages: ClassVar[tuple[str, ...]] = ("teacher", "trigger_search", "distillation")
 
     def __init__(self, **params):
@@ -270,7 +285,7 @@ class NBA(Defense):
         for key in ("teacher_lr", "student_lr"):
             if not getattr(cfg, key) > 0:
                 problems.append(f"{key} must be > 0")
-        for key in ("beta", "gamma", "kl_weight", "pseudo_ce", "eps", "scan_eps", "suspect_kd"):
+        for key in ("beta", "gamma", "kl_weight", "pseudo_ce", "eps", "scan_eps", "suspect_kd", "teacher_kd"):
             if not getattr(cfg, key) >= 0:
                 problems.append(f"{key} must be >= 0")
         if not cfg.kd_temperature > 0:
@@ -360,6 +375,10 @@ class NBA(Defense):
                     with torch.no_grad():
                         b_logits = model(xb).float()
                     loss = loss + cfg.suspect_kd * _kl(b_logits, logits.float(), cfg.kd_temperature)
+                if cfg.teacher_kd > 0:
+                    with torch.no_grad():
+                        t_clean = teacher(xb).float()
+                    loss = loss + cfg.teacher_kd * _kl(t_clean, logits.float(), cfg.kd_temperature)
                 if pseudo is not None and (cfg.gamma > 0 or cfg.kl_weight > 0 or cfg.pseudo_ce > 0):
                     x_t = pseudo.make(m, teacher, xb, yb)
                     # Keep every other image clean: in a batch where EVERY image carries the trigger, BatchNorm's

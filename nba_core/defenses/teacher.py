@@ -17,10 +17,13 @@ from .base import DefenseContext
 
 
 def train_teacher(model: SpecModel, x: torch.Tensor, y: torch.Tensor, ctx: DefenseContext, *,
-                  epochs: int = 10, lr: float = 0.1, shift: int = 2, batch_size: int = 64) -> tuple[SpecModel, list[dict]]:
-    """Return a frozen, eval-mode copy of `model` fine-tuned on (x, y); `model` itself is untouched."""
+                  epochs: int = 10, lr: float = 0.1, shift: int = 2, batch_size: int = 64,
+                  train_config: TrainConfig | None = None) -> tuple[SpecModel, list[dict]]:
+    """Return a frozen, eval-mode copy of `model` fine-tuned on (x, y); `model` itself is untouched.
+    `train_config` replaces the default recipe entirely (NAD passes its authors' schedule)."""
     teacher = copy.deepcopy(model)
-    cfg = TrainConfig(epochs=epochs, lr=lr, shift=shift, hflip=ctx.hflip, batch_size=batch_size, weight_decay=5e-4)
+    cfg = train_config or TrainConfig(epochs=epochs, lr=lr, shift=shift, hflip=ctx.hflip, batch_size=batch_size,
+                                      weight_decay=5e-4)
     log = train_classifier(teacher, x, y, cfg, generator=ctx.generator, progress=ctx.progress,
                            should_cancel=ctx.should_cancel, stage="teacher")
     teacher.eval()

@@ -54,6 +54,38 @@ def test_sanitize_then_evaluate_json(attacked: Path, tmp_path: Path, capsys):
     assert 0.0 <= result["clean_accuracy"] <= 1.0 and 0.0 <= result["attack_success_rate"] <= 1.0
 
 
+def test_sanitize_trains_on_all_of_d_and_crossfits_the_accuracy_change(attacked: Path, tmp_path: Path):
+    with np.load(attacked / "clean.npz") as z:
+        n = len(z["y"])
+    report = tmp_path / "report.json"
+    code = main(["sanitize", "--model", str(attacked / "model.safetensors"), "--spec", str(attacked / "model.json"),
+                 "--data", str(attacked / "clean.npz"), "--method", "ft", "--param", "epochs=2",
+                 "--eval-data", str(attacked / "test.npz"), "--crossfit", "2",
+                 "--out", str(tmp_path / "c.safetensors"), "--report", str(report), "--no-evidence", "--quiet"])
+    assert code == 0
+    rep = json.loads(report.read_text())
+    # the default trains the defense on every clean image, as the benchmark does
+    assert rep["data"]["defense_train"] == n and rep["data"]["holdout"] == 0
+    with np.load(attacked / "test.npz") as z:
+        assert rep["data"]["eval_set"] == len(z["y"])
+    assert rep["metrics"]["before"]["clean_accuracy_on"] == "eval_set"
+    cf = rep["crossfit"]
+    assert cf["k"] == 2 and sum(f["held_out"] for f in cf["folds"]) == n
+    assert all(f["train"] + f["held_out"] == n for f in cf["folds"])
+    assert cf["change"] == pytest.approx(cf["clean_accuracy_after"] - cf["clean_accuracy_before"])
+
+
+def test_sanitize_preset_is_reported_with_its_values(attacked: Path, tmp_path: Path):
+    report = tmp_path / "report.json"
+    code = main(["sanitize", "--model", str(attacked / "model.safetensors"), "--spec", str(attacked / "model.json"),
+                 "--data", str(attacked / "clean.npz"), "--method", "ibau",
+                 "--params", '{"preset": "authors", "rounds": 1, "k_steps": 1}',
+                 "--out", str(tmp_path / "c.safetensors"), "--report", str(report), "--no-evidence", "--quiet"])
+    assert code == 0
+    params = json.loads(report.read_text())["params"]
+    assert params["preset"] == "authors" and params["search"] == "sgd" and params["rounds"] == 1
+
+
 def test_sanitize_rejects_unknown_method_and_params(attacked: Path, tmp_path: Path, capsys):
     common = ["sanitize", "--model", str(attacked / "model.safetensors"), "--spec", str(attacked / "model.json"),
               "--data", str(attacked / "clean.npz"), "--out", str(tmp_path / "x.safetensors"), "--quiet"]
