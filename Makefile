@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-core test-service bench bench-quick fuzz clean
+.PHONY: setup demo test test-core test-service bench bench-quick fuzz check-report-browser clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ fuzz: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# The HTML report opened through a signed link in headless Chromium (Debian: apt-get install -y chromium);
+# writes docs/report-in-browser.png.
+check-report-browser: setup
+	$(PY) -m bench.report_browser
 
 clean:
 	rm -rf $(VENV) .nba .pytest_cache

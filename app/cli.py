@@ -65,17 +65,40 @@ def cmd_migrate(args) -> int:
     return EXIT_OK
 
 
+def _database_is_new(args) -> tuple[bool, str]:
+    """Whether the embedded database this command would use does not exist yet (and its path)."""
+    from app.core.settings import Settings
+
+    data_dir = getattr(args, "data_dir", None) or os.environ.get("NBA_DATA_DIR")
+    probe = Settings(data_dir=Path(data_dir)) if data_dir else Settings()
+    url = str(probe.database_url)
+    if not url.startswith("sqlite:///"):
+        return False, url
+    path = Path(url[len("sqlite:///"):])
+    return not path.exists(), str(path)
+
+
 def cmd_keys(args) -> int:
     from app.core import keys
     from app.core.db import session_scope
 
+    new_db, where = _database_is_new(args)
+    if new_db and args.keys_command != "create":
+        print(f"nba: no service database at {where}: run this where `nba serve` runs, or pass --data-dir / set "
+              f"NBA_DATA_DIR (or NBA_DATABASE_URL)", file=sys.stderr)
+        return EXIT_FAILED
     settings = _settings(args)
     _migrate(settings)  # idempotent; lets `nba keys create` work on a fresh embedded data dir
     with session_scope(settings) as session:
         if args.keys_command == "create":
             key = keys.create_key(session, args.owner)
             print(key)
-            print(f"(API key for owner {args.owner!r}; it is shown only once)", file=sys.stderr)
+            print(f"(API key for owner {args.owner!r}, stored in {_redact(str(settings.database_url))}; it is shown "
+                  f"only once)", file=sys.stderr)
+            if new_db:
+                print(f"nba: note: that database did not exist and was created now ({where}). A server started from "
+                      f"another folder or with another NBA_DATA_DIR / NBA_DATABASE_URL will not know this key; "
+                      f"use the same --data-dir as `nba serve`.", file=sys.stderr)
         elif args.keys_command == "revoke":
             count = keys.revoke_key(session, args.prefix)
             if not count:
@@ -186,12 +209,20 @@ def cmd_submit(args) -> int:
     from nba_core.params import parse_params
 
     params = parse_params(None, args.params)
+    from nba_core.data.classes import read_class_file
+
+    class_names = read_class_file(args.classes) if args.classes else None
     client = _client(args)
     model = client.upload_model(args.model, spec=args.spec)
     data = client.upload_dataset(args.data)
+    classes = (data.get("details") or {}).get("classes")
+    if classes and not args.json and class_names is None:  # folder/archive uploads: how folder names become labels (before any work)
+        print(f"data: {data.get('details', {}).get('images')} images; folders -> labels: "
+              + ", ".join(f"{k}={v}" for k, v in sorted(classes.items(), key=lambda kv: kv[1])), file=sys.stderr)
     probe = client.upload_dataset(args.probe, kind="probe") if args.probe else None
-    job = client.create_job(model_id=model["id"], dataset_id=data["id"], method=args.method, params=params,
-                            probe_id=probe["id"] if probe else None, probe_target=args.probe_target)
+    job = client.create_job(model_id=model["id"], dataset_id=data["id"], method=args.method.strip().lower(),
+                            params=params, probe_id=probe["id"] if probe else None, probe_target=args.probe_target,
+                            class_names=class_names, allow_low_accuracy=args.allow_low_accuracy)
     print(job["id"] if not args.json else json.dumps(job))
     if not (args.wait or args.out):
         return EXIT_OK
@@ -199,6 +230,13 @@ def cmd_submit(args) -> int:
     _print_job(job, args.json)
     if job["status"] != "succeeded":
         return EXIT_FAILED
+    if not args.json:
+        from nba_core.cli import print_label_mapping
+
+        report = client.get_report(job["id"])
+        print_label_mapping((report.get("data") or {}).get("class_names"), (report.get("data") or {}).get("class_counts"))
+        for warning in report.get("warnings") or []:
+            print(f"nba: warning: {warning}", file=sys.stderr)
     if args.out:
         got = client.download_model(job["id"], args.out)
         print(f"cleaned model -> {got['path']} (sha256 {got['sha256']}, verified)")
@@ -214,15 +252,19 @@ def cmd_status(args) -> int:
 
 def cmd_download(args) -> int:
     client = _client(args)
+    if not (args.out or args.report or args.report_link):
+        raise _usage("give --out, --report and/or --report-link")
     if args.report:
-        report = client.get_report(args.job)
-        Path(args.report).write_text(json.dumps(report, indent=2))
-        print(f"report -> {args.report}")
+        html = args.html or str(args.report).lower().endswith((".html", ".htm"))
+        report = client.get_report(args.job, html=html)
+        Path(args.report).write_text(report if html else json.dumps(report, indent=2), encoding="utf-8")
+        print(f"report -> {args.report}" + (" (HTML: open it in a browser)" if html else ""))
+    if args.report_link:
+        link = client.report_link(args.job, ttl=args.ttl)
+        print(f"report link (valid until {link['expires_at']}, no key needed): {link['url']}")
     if args.out:
         got = client.download_model(args.job, args.out)
         print(f"cleaned model -> {got['path']} (sha256 {got['sha256']}, verified)")
-    if not (args.out or args.report):
-        raise _usage("give --out and/or --report")
     return EXIT_OK
 
 
@@ -264,8 +306,12 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
 def _register_client_commands(sub) -> None:
     s = sub.add_parser("submit", help="upload a model + clean data to the service and start a sanitization job")
     s.add_argument("model", help="suspect model (.safetensors or .pt state_dict)")
-    s.add_argument("--spec", required=True, help="model spec JSON file")
-    s.add_argument("--data", required=True, help="clean subset (.npz, or zip/tar of class folders)")
+    s.add_argument("--spec", help="model spec JSON file (default: the spec a .safetensors written by nba carries)")
+    s.add_argument("--data", required=True, help="clean subset: a folder of class folders (zipped on the fly), a "
+                   "zip/tar of them, or .npz")
+    s.add_argument("--classes", metavar="FILE", help="class names in label order, one per line")
+    s.add_argument("--allow-low-accuracy", action="store_true", help="run even if the model is near chance on the "
+                   "clean data (normally a label-order or mean/std mistake, refused)")
     s.add_argument("--method", default="nba")
     s.add_argument("--params", help="hyperparameter overrides as JSON")
     s.add_argument("--probe", help="optional triggered probe set (npz with true labels) to measure ASR")
@@ -284,7 +330,11 @@ def _register_client_commands(sub) -> None:
     d = sub.add_parser("download", help="download a finished job's cleaned model and/or report")
     d.add_argument("job")
     d.add_argument("--out", help="where to write the cleaned .safetensors")
-    d.add_argument("--report", help="where to write the JSON report")
+    d.add_argument("--report", help="where to write the report (JSON; HTML with --html or a .html name)")
+    d.add_argument("--html", action="store_true", help="write the report as a self-contained HTML page")
+    d.add_argument("--report-link", action="store_true", help="print a signed URL of the HTML report that a "
+                   "browser opens without the API key")
+    d.add_argument("--ttl", type=int, default=900, help="seconds the --report-link URL stays valid (default 900)")
     _add_client_options(d)
     d.set_defaults(func=_api_errors(cmd_download))
 
@@ -351,9 +401,10 @@ def register(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The whole `nba` CLI: the library's commands plus this module's (whether or not entry points are installed)."""
-    from nba_core.cli import main as library_main
+    from app import cli as this_module  # under `python -m app.cli` this file is __main__: use the importable one,
+    from nba_core.cli import main as library_main  # the object the nba.commands entry point loads (no duplicate)
 
-    return library_main(argv, extra_groups=[register])
+    return library_main(argv, extra_groups=[this_module.register])
 
 
 if __name__ == "__main__":

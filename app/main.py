@@ -7,8 +7,10 @@ import time
 from typing import Callable
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
-from app.api import routes_artifacts, routes_health, routes_jobs
+from app.api import routes_artifacts, routes_health, routes_jobs, routes_reports
 from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import ServiceState
 from app.api.errors import install_error_handlers
@@ -55,12 +57,23 @@ def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
     return enqueue
 
 
+def _redirect_to(path: str):
+    def redirect() -> RedirectResponse:
+        return RedirectResponse(path, status_code=307)
+
+    return redirect
+
+
 def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], None] | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
-    app = FastAPI(title="NBA sanitization service", version="1", description=DESCRIPTION,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
-                  lifespan=_lifespan(settings))
+    # FastAPIOffline: the same FastAPI app, with the Swagger UI / ReDoc assets served from the installed package
+    # under /v1/docs-assets instead of a CDN, so the docs render on an air-gapped machine.
+    app = FastAPIOffline(title="NBA sanitization service", version="1", description=DESCRIPTION,
+                         openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url="/v1/redoc",
+                         static_url="/v1/docs-assets", lifespan=_lifespan(settings))
+    for old, new in (("/docs", "/v1/docs"), ("/openapi.json", "/v1/openapi.json"), ("/redoc", "/v1/redoc")):
+        app.add_api_route(old, _redirect_to(new), include_in_schema=False)
     app.state.nba = ServiceState(settings=settings, sessions=session_factory(settings),
                                  store=store_from_settings(settings),
                                  enqueue=enqueue or celery_enqueuer(settings), quotas=Quotas(settings))
@@ -71,6 +84,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], Non
     app.include_router(routes_health.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_reports.router)
     if settings.bench_endpoints:
         app.include_router(routes_health.bench_router)
     return app

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,11 +42,11 @@ from .errors import (
 from .arch_budget import estimate
 from .errors import CHECKPOINT_TOO_LARGE
 from .models import SpecModel, build_model
-from .safetensors_header import check_pt_zip, check_safetensors_header, max_checkpoint_bytes, sniff_checkpoint_format
+from .safetensors_header import (SPEC_METADATA_KEY, check_pt_zip, check_safetensors_header, max_checkpoint_bytes,
+                                 sniff_checkpoint_format)
 from .spec import ModelSpec, parse_spec
 
 PathLike = str | os.PathLike
-SPEC_METADATA_KEY = "nba_spec"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _ACCEPTED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,16 +83,29 @@ def _read_torch(path: Path, fmt: str) -> object:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only's restricted unpickler met a global, a callable or an opcode it does not allow.
-        detail = str(e).split("\n")[0][:200]
-        from .foreign import WHOLE_MODULE_HINT
-
-        raise NBAError(CHECKPOINT_UNSAFE, "the PyTorch file holds objects other than tensors and plain containers "
-                       f"(refused, nothing was executed; {WHOLE_MODULE_HINT}): {detail}") from None
+        raise NBAError(CHECKPOINT_UNSAFE, unsafe_pickle_message(str(e))) from None
     except Exception as e:  # noqa: BLE001 - any failure of a pickle-based reader is a refusal
         if fmt == "pt-zip" and isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e):
             raise NBAError(CHECKPOINT_UNREADABLE, "the PyTorch zip file is corrupt or truncated") from None
         raise NBAError(CHECKPOINT_UNSAFE, f"the PyTorch file could not be loaded safely ({type(e).__name__}); "
-                       "re-export it as safetensors or a plain state_dict") from None
+                       f"{REEXPORT_HINT}") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+REEXPORT_HINT = ("re-export only the weights, where the model's class is importable: "
+                 "torch.save(model.state_dict(), 'weights.pt')  "
+                 "(or safetensors.torch.save_file(model.state_dict(), 'model.safetensors'))")
+
+
+def unsafe_pickle_message(torch_text: str) -> str:
+    """One actionable line for a refused pickle: what the file is, that nothing ran, the one-line fix (torch's own
+    text is several paragraphs with terminal colour codes)."""
+    text = _ANSI.sub("", torch_text)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f" (it references {found.group(1)})" if found else ""
+    return (f"the PyTorch file holds a pickled object, not a state_dict of tensors{what}, e.g. a whole model saved "
+            f"with torch.save(model); refused, nothing was executed. Fix: {REEXPORT_HINT}; or hand the module "
+            f"itself to nba_core.module_api.sanitize_module (Python API)")
 
 
 def _unwrap(obj: object) -> dict[str, torch.Tensor]:

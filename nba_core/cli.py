@@ -22,8 +22,14 @@ from .progress import ProgressBar
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_SUSPECTED = 0, 1, 2, 3, 4, 5
 
 METHOD_HELP = ("ft (fine-tuning), fp (fine-pruning), nad, anp, ibau, sau (shared adversarial unlearning), ftsam "
-               "(fine-tuning with sharpness-aware minimisation), nba; presets: --params '{\"preset\": \"paper\"}' (nba), "
+               "(fine-tuning with sharpness-aware minimisation), nba (any case; `nba methods` describes each parameter); presets: --params '{\"preset\": \"paper\"}' (nba), "
                "'{\"preset\": \"authors\"}' (ibau)")
+METHOD_TITLES = {"ft": "fine-tuning on the clean subset", "fp": "fine-pruning (Liu et al. 2018)",
+                 "nad": "neural attention distillation (Li et al. 2021)",
+                 "anp": "adversarial neuron pruning (Wu & Wang 2021)",
+                 "ibau": "implicit backdoor adversarial unlearning (Zeng et al. 2022)",
+                 "sau": "shared adversarial unlearning", "ftsam": "fine-tuning with sharpness-aware minimisation",
+                 "nba": "neural behavioral alignment, as reconstructed from the abstract (Ying & Wu 2023)"}
 
 
 def cmd_attack(args) -> int:
@@ -97,26 +103,28 @@ def cmd_sanitize(args) -> int:
     from .pipeline import sanitize
 
     params = parse_params(args.param, args.params)
+    args.method = args.method.strip().lower()
     bar = ProgressBar(not args.quiet)
     common = dict(data_path=args.data, method=args.method, params=params, out_path=args.out,
                   report_path=args.report, probe_path=args.probe, probe_target=args.probe_target,
                   device=args.device, seed=args.seed, holdout_fraction=args.holdout, progress=bar,
                   evidence=not args.no_evidence)
     try:
-        if args.spec is None:
-            if not is_hf_model_path(args.model):
-                raise NBAError(INVALID_PARAMS, "--spec is required unless --model is a Hugging Face folder or zip "
-                               "(config.json + model.safetensors, as save_pretrained writes)")
+        if args.spec is None and is_hf_model_path(args.model):
             if args.eval_data or args.crossfit:
                 raise NBAError(INVALID_PARAMS, "--eval-data and --crossfit are not yet supported for Hugging Face "
                                "models")
             report = sanitize_hf(model_path=args.model, input_size=tuple(args.input_size) if args.input_size
-                                 else None, mean=_floats(args.mean), std=_floats(args.std), **common)
-        else:
+                                 else None, mean=_floats(args.mean), std=_floats(args.std),
+                                 allow_low_accuracy=args.allow_low_accuracy, **common)
+        else:  # spec None: the one a .safetensors written by nba carries (a clear error otherwise)
             report = sanitize(model_path=args.model, spec=args.spec, eval_path=args.eval_data,
-                              crossfit=args.crossfit, **common)
+                              crossfit=args.crossfit, class_names=_class_list(args.classes),
+                              allow_low_accuracy=args.allow_low_accuracy, **common)
     finally:
         bar.close()
+    for warning in report.get("warnings") or []:
+        print(f"nba: warning: {warning}", file=sys.stderr)
     code = EXIT_SUSPECTED if ((report.get("verdict") or {}).get("after") or {}).get("status") == "suspected" \
         else EXIT_OK
     if args.json:
@@ -129,6 +137,7 @@ def cmd_sanitize(args) -> int:
         print(f"WARNING: {w}")
     print(f"sanitized with {args.method} in {report['timing']['total_seconds']:.1f} s -> {args.out}")
     print(f"  sha256 {report['output']['sha256']}")
+    print_label_mapping(report["data"].get("class_names"), report["data"].get("class_counts"))
 
     def row(name, key, sub=None):
         b = before.get(sub, {}).get(key) if sub else before.get(key)
@@ -178,6 +187,21 @@ def cmd_scan(args) -> int:
     return EXIT_SUSPECTED if before["status"] == "suspected" else EXIT_OK
 
 
+def _class_list(path: str | None) -> list[str] | None:
+    from .data.classes import read_class_file
+
+    return read_class_file(path) if path else None
+
+
+def print_label_mapping(names: list[str] | None, counts: list[int] | None, file=None) -> None:
+    """The label order used, so a wrong one is visible: `label 0 = zero (20 images), ...`."""
+    if not counts:
+        return
+    shown = [f"{i}={names[i] if names else i} ({c})" for i, c in enumerate(counts)]
+    print(f"  labels (label=class (clean images)): {', '.join(shown[:20])}{', ...' if len(shown) > 20 else ''}",
+          file=file or sys.stdout)
+
+
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_model
     from .data.formats import load_dataset_file
@@ -186,33 +210,34 @@ def cmd_evaluate(args) -> int:
     from .pipeline import resolve_spec
 
     seed_everything(0)
-    if args.spec is None:  # a Hugging Face folder/zip describes itself; test images are resized to its input
-        from .hf_pipeline import fit_to_input, is_hf_model_path
+    from .hf_pipeline import fit_to_input, is_hf_model_path
+
+    if args.spec is None and is_hf_model_path(args.model):  # describes itself; test images resized to its input
         from .models.hf import load_hf_model
 
-        if not is_hf_model_path(args.model):
-            raise NBAError(INVALID_PARAMS, "--spec is required unless --model is a Hugging Face folder or zip")
         loaded = load_hf_model(args.model)
         spec, net = loaded.spec, loaded.module
 
-        def load_dataset_file(path, *, num_classes, expect_shape):  # noqa: F811 - the HF variant resizes
+        def load_dataset_file(path, *, num_classes, expect_shape, class_names=None):  # noqa: F811 - HF: resize
             from .data.formats import load_dataset_file as load
 
-            return fit_to_input(load(path, num_classes=num_classes), spec.in_channels, spec.input_size)[0]
+            return fit_to_input(load(path, num_classes=num_classes, class_names=class_names), spec.in_channels,
+                                spec.input_size)[0]
     else:
-        spec = resolve_spec(args.spec)
+        spec = resolve_spec(args.spec, args.model)
         net = load_model(args.model, spec)
+    names = _class_list(args.classes) or getattr(spec, "class_names", None)
     shape = (spec.in_channels, *spec.input_size)
     model = prepare_model(net, pick_device(args.device))
     result: dict = {}
     if args.clean:
-        clean = load_dataset_file(args.clean, num_classes=spec.num_classes, expect_shape=shape)
+        clean = load_dataset_file(args.clean, num_classes=spec.num_classes, expect_shape=shape, class_names=names)
         result["clean_accuracy"] = clean_accuracy(model, clean.x, clean.y)
         result["clean_size"] = len(clean)
     if args.triggered:
         if args.target is None:
             raise NBAError(INVALID_PARAMS, "--triggered needs --target")
-        trig = load_dataset_file(args.triggered, num_classes=spec.num_classes, expect_shape=shape)
+        trig = load_dataset_file(args.triggered, num_classes=spec.num_classes, expect_shape=shape, class_names=names)
         result["attack_success_rate"] = attack_success_rate(model, trig.x, trig.y, args.target)
         result["robust_accuracy"] = robust_accuracy(model, trig.x, trig.y, args.target)
         result["triggered_size"] = int((trig.y != args.target).sum())
@@ -229,8 +254,18 @@ def cmd_evaluate(args) -> int:
 def cmd_methods(args) -> int:
     from .defenses import METHODS, defense_class
 
-    payload = {m: defense_class(m).defaults() for m in ([args.method] if args.method else METHODS)}
-    print(json.dumps(payload, indent=2, default=list))
+    chosen = [args.method.strip().lower()] if args.method else list(METHODS)
+    described = {m: defense_class(m).describe() for m in chosen}
+    if args.json:
+        print(json.dumps(described, indent=2, default=list))
+        return EXIT_OK
+    for method, params in described.items():
+        doc = (defense_class(method).__doc__ or "").strip()
+        print(f"{method}: {doc.splitlines()[0] if doc else METHOD_TITLES.get(method, '')}")
+        for name, p in params.items():
+            default = json.dumps(p["default"], default=list)
+            print(f"  {name:<20} {default:>12}  {p['help']}")
+        print(f"  (override: nba sanitize --method {method} --param NAME=VALUE, or --params '{{...}}')\n")
     return EXIT_OK
 
 
@@ -248,7 +283,7 @@ def command_groups(extra=()) -> list:
         except Exception as e:  # a broken add-on must not take the library's own commands down with it
             print(f"nba: commands from {ep.value} are unavailable ({type(e).__name__}: {e})", file=sys.stderr)
             continue
-        if register not in groups:
+        if register not in groups:  # the same function given in `extra` and advertised: add it once
             groups.append(register)
     return groups
 
@@ -291,13 +326,18 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
     s = sub.add_parser("sanitize", help="remove a backdoor from a model using a small clean data subset")
     s.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict (loaded with "
                    "weights_only), or a Hugging Face folder/zip (config.json + model.safetensors)")
-    s.add_argument("--spec", help="model spec JSON (architecture, classes, input size, normalisation); not needed "
-                   "for a Hugging Face model")
+    s.add_argument("--spec", help="model spec JSON (architecture, classes, input size, normalisation); default: the "
+                   "spec a .safetensors written by nba carries; not needed for a Hugging Face model")
     s.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="HF models: input size when preprocessor_config.json does not give it")
     s.add_argument("--mean", help="HF models: per-channel mean, e.g. 0.485,0.456,0.406 (default: preprocessor config)")
     s.add_argument("--std", help="HF models: per-channel std (default: preprocessor config)")
-    s.add_argument("--data", required=True, help="clean subset: .npz (x, y) or zip/tar of class folders")
+    s.add_argument("--data", required=True, help="clean subset: a folder of class folders, a zip/tar of them, or .npz "
+                   "(x, y[, classes])")
+    s.add_argument("--classes", metavar="FILE", help="class names in label order, one per line (maps folder names "
+                   "and string labels; default: the spec's class_names, else integer or sorted folder names)")
+    s.add_argument("--allow-low-accuracy", action="store_true", help="clean even if the model is near chance on the "
+                   "clean data (normally a label-order or mean/std mistake, refused)")
     s.add_argument("--method", default="nba", help=METHOD_HELP)
     s.add_argument("--params", help='hyperparameter overrides as JSON, e.g. \'{"epochs": 10}\' (see `nba methods`)')
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="one override; repeatable")
@@ -333,16 +373,19 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="clean accuracy and attack success rate of a model on labelled test sets")
     e.add_argument("--model", required=True, help="model file, or a Hugging Face folder/zip")
-    e.add_argument("--spec", help="model spec JSON (not needed for a Hugging Face folder/zip)")
-    e.add_argument("--clean", help="clean test set (.npz or archive)")
+    e.add_argument("--spec", help="model spec JSON (default: the one the .safetensors carries; not needed for a "
+                   "Hugging Face folder/zip)")
+    e.add_argument("--classes", metavar="FILE", help="class names in label order, one per line")
+    e.add_argument("--clean", help="clean test set (folder of class folders, archive or .npz)")
     e.add_argument("--triggered", help="triggered non-target test images labelled with their true classes")
     e.add_argument("--target", type=int, help="the attack's target class")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print a JSON object (fractions in [0, 1])")
     e.set_defaults(func=cmd_evaluate)
 
-    m = sub.add_parser("methods", help="list defenses and their default hyperparameters")
-    m.add_argument("method", nargs="?")
+    m = sub.add_parser("methods", help="list defenses and their hyperparameters (default and what each does)")
+    m.add_argument("method", nargs="?", help="one defense (default: all)")
+    m.add_argument("--json", action="store_true", help='print {method: {param: {"default", "type", "help"}}}')
     m.set_defaults(func=cmd_methods)
 
     for register in command_groups(extra_groups):

@@ -137,8 +137,15 @@ class NBAClient:
 
     # ------------------------------------------------------------------ uploads
     def upload_model(self, path: str | os.PathLike, spec: str | os.PathLike | dict | Any = None) -> dict:
-        """Upload a safetensors / zip-format .pt state_dict with its model spec (path, JSON text, dict), or a zip
-        of a Hugging Face model folder (config.json + model.safetensors) with no spec."""
+        """Upload a safetensors / zip-format .pt state_dict with its model spec (path, JSON text, dict; None: the
+        spec a .safetensors written by nba carries), or a zip of a Hugging Face model folder (config.json +
+        model.safetensors) with no spec."""
+        if spec is None and str(path).endswith(".safetensors"):
+            from .safetensors_header import embedded_spec
+
+            spec = embedded_spec(path)
+            if not spec:
+                raise APIError(0, "spec_missing", f"{path} carries no model spec: pass spec= (a model.json)")
         fields = {"spec": _spec_text(spec)} if spec is not None else {}
         return self.upload_stream("/v1/models", _file_chunks(path), os.path.getsize(path),
                                   filename=Path(path).name, fields=fields)
@@ -242,6 +249,10 @@ class NBAClient:
             return resp.text
         return self._json("GET", f"/v1/jobs/{job_id}/report")
 
+    def report_link(self, job_id: str, ttl: int = 900) -> dict:
+        """{"url", "expires_at"}: a signed URL to the job's HTML report that opens in a browser without the key."""
+        return self._json("GET", f"/v1/jobs/{job_id}/report-link", params={"ttl": ttl})
+
     def health(self) -> dict:
         return self._json("GET", "/healthz")
 
@@ -250,8 +261,8 @@ class NBAClient:
         return resp.json()
 
 
-def sanitize(url: str, api_key: str, *, model: str | os.PathLike, spec: str | os.PathLike | dict | Any = None,
-             data: str | os.PathLike, method: str = "nba", params: dict | None = None,
+def sanitize(url: str, api_key: str, *, model: str | os.PathLike, data: str | os.PathLike,
+             spec: str | os.PathLike | dict | Any = None, method: str = "nba", params: dict | None = None,
              out: str | os.PathLike | None = None, probe: str | os.PathLike | None = None,
              probe_target: int | None = None, class_names: list[str] | None = None,
              allow_low_accuracy: bool = False, on_progress: Callable[[dict], None] | None = None,

@@ -72,7 +72,8 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
                 progress: Callable[[str, float], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
                 input_size: tuple[int, int] | None = None, mean=None, std=None, layers=None,
-                out_zip: str | None = None, on_before: Callable[[dict], None] | None = None) -> dict:
+                out_zip: str | None = None, on_before: Callable[[dict], None] | None = None,
+                allow_low_accuracy: bool = False) -> dict:
     """Like `pipeline.sanitize` for an HF folder/zip; `out_path` is the output folder (and `out_zip` a zip of it)."""
     from .models.hf import load_hf_model, save_hf_model
     from .pipeline import write_json_atomic, sanitize_loaded
@@ -102,7 +103,8 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
         outcome = sanitize_loaded(model.module, data, spec=model.spec, method=method, params=params, probe=probe,
                                   probe_target=probe_target, device=device, seed=seed,
                                   holdout_fraction=holdout_fraction, progress=progress,
-                                  should_cancel=should_cancel, evidence=evidence, on_before=on_before)
+                                  should_cancel=should_cancel, evidence=evidence, on_before=on_before,
+                                  allow_low_accuracy=allow_low_accuracy)
         progress("save", 0.99)
         saved = save_hf_model(model, outcome.model, out_path)
     report = outcome.report

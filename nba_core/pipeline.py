@@ -26,8 +26,10 @@ from .data.imageset import ImageSet, stratified_split
 from .defenses import get_defense
 from .defenses.base import DefenseContext
 from .device import pick_device, prepare_model, seed_everything
+from .data.classes import check_class_names, class_counts, class_warnings
 from .errors import INVALID_PARAMS, NBAError
 from .metrics import attack_success_rate, clean_accuracy, robust_accuracy
+from .sanity import check_clean_accuracy
 from .spec import ModelSpec, load_spec, parse_spec
 from .train import never_cancel, no_progress
 from .verdict import SUSPECTED, VerdictSession, compare
@@ -37,7 +39,11 @@ from .verdict import headline as verdict_headline
 _BEFORE, _DEFENSE, _AFTER = 0.1, 0.8, 0.1
 
 
-def resolve_spec(spec: ModelSpec | dict | str | os.PathLike) -> ModelSpec:
+def resolve_spec(spec: ModelSpec | dict | str | os.PathLike | None, model_path: str | os.PathLike | None = None
+                 ) -> ModelSpec:
+    """A spec object, dict, JSON text or file; None: the spec a .safetensors written by nba carries."""
+    if spec is None:
+        return spec_from_checkpoint(model_path)
     if isinstance(spec, ModelSpec):
         return spec
     if isinstance(spec, dict):
@@ -46,6 +52,19 @@ def resolve_spec(spec: ModelSpec | dict | str | os.PathLike) -> ModelSpec:
     if text.lstrip().startswith("{"):
         return parse_spec(text)
     return load_spec(text)
+
+
+def spec_from_checkpoint(model_path: str | os.PathLike | None) -> ModelSpec:
+    from .checkpoint import SPEC_METADATA_KEY, read_checkpoint_metadata
+    from .errors import SPEC_INVALID
+
+    text = None
+    if model_path is not None and str(model_path).endswith(".safetensors"):
+        text = read_checkpoint_metadata(model_path).get(SPEC_METADATA_KEY)
+    if not text:
+        raise NBAError(SPEC_INVALID, "give the model spec (--spec model.json): this checkpoint does not carry one "
+                       "(only .safetensors written by nba do)")
+    return parse_spec(text)
 
 
 class _OverallProgress:
@@ -161,28 +180,35 @@ def sanitize(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, m
              holdout_fraction: float = 0.0, progress: Callable[[str, float], None] | None = None,
              should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
              eval_path: str | None = None, crossfit: int = 0,
-             on_before: Callable[[dict], None] | None = None) -> dict:
+             on_before: Callable[[dict], None] | None = None,
+             class_names: list[str] | None = None, allow_low_accuracy: bool = False) -> dict:
     """Sanitize the model at `model_path` with `method`; write cleaned safetensors to `out_path` and return the
     report (also written to `report_path`). Raises NBAError for bad inputs, Cancelled when asked to stop.
     A thin file-based wrapper: loads safely, calls `sanitize_loaded`, saves atomically. `eval_path`: an optional
-    separate labelled clean set to measure clean accuracy on (see `sanitize_loaded`)."""
+    separate labelled clean set to measure clean accuracy on (see `sanitize_loaded`). `spec` None: read from the
+    checkpoint. `class_names`: label order (else the spec's, else the data's)."""
     t_start = time.perf_counter()
     progress = progress or no_progress
     _check_request(method, params, probe_given=probe_path is not None, probe_target=probe_target,
                    holdout_fraction=holdout_fraction)
-    spec = resolve_spec(spec)
+    method = str(method).strip().lower()
+    spec = resolve_spec(spec, model_path)
     _check_probe_target(probe_target, spec.num_classes)
     shape = (spec.in_channels, *spec.input_size)
     progress("load", 0.0)
     model = load_model(model_path, spec)
-    data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape)
+    if class_names is not None:
+        class_names = check_class_names(class_names, spec.num_classes)
+    data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape,
+                             class_names=class_names or spec.class_names)
     probe = load_dataset_file(probe_path, num_classes=spec.num_classes, expect_shape=shape) if probe_path else None
     eval_set = load_dataset_file(eval_path, num_classes=spec.num_classes, expect_shape=shape) if eval_path else None
 
     outcome = sanitize_loaded(model, data, spec=spec, method=method, params=params, probe=probe,
                               probe_target=probe_target, device=device, seed=seed,
                               holdout_fraction=holdout_fraction, progress=progress, should_cancel=should_cancel,
-                              evidence=evidence, eval_set=eval_set, crossfit=crossfit, on_before=on_before)
+                              evidence=evidence, eval_set=eval_set, crossfit=crossfit, on_before=on_before,
+                              allow_low_accuracy=allow_low_accuracy)
     progress("save", 0.99)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     sha256 = save_model(outcome.model, out_path, spec=spec, metadata={"nba_method": method, "nba_seed": str(seed)})
@@ -209,8 +235,11 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
                     progress: Callable[[str, float], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
                     eval_set: ImageSet | None = None, crossfit: int = 0,
-                    on_before: Callable[[dict], None] | None = None) -> SanitizeOutcome:
-    """The in-memory core: measure, defend, measure again. `model` takes pixels in [0, 1] (N×C×H×W, the geometry
+                    on_before: Callable[[dict], None] | None = None,
+                    allow_low_accuracy: bool = False) -> SanitizeOutcome:
+    """The in-memory core: check, measure, defend, measure again. A model near chance on `data` is refused
+    (sanity.py) unless `allow_low_accuracy`; `data.class_names` (when known) names the labels in the report.
+    `model` takes pixels in [0, 1] (N×C×H×W, the geometry
     of `spec`) and names its stage outputs in `model.behavior_layers`; `data` is the clean subset. Nothing is read
     or written on disk. Raises NBAError for bad inputs, Cancelled when asked to stop.
 
@@ -226,6 +255,7 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     t_start = time.perf_counter()
     progress = progress or no_progress
     should_cancel = should_cancel or never_cancel
+    method = str(method).strip().lower()
     defense = _check_request(method, params, probe_given=probe is not None, probe_target=probe_target,
                              holdout_fraction=holdout_fraction)
     _check_probe_target(probe_target, spec.num_classes)
@@ -241,6 +271,12 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     measure = dict(holdout=accuracy_set, accuracy_on=accuracy_on, probe=probe, probe_target=probe_target)
 
     bar = _OverallProgress(progress, expected_stages=len(getattr(defense, "stages", ())) or 2)
+    bar.emit("check", 0.0)
+    names = data.class_names
+    counts = class_counts(data.y, spec.num_classes)
+    accuracy_all = clean_accuracy(model, data.x, data.y)  # on every clean image: fails fast, before minutes of work
+    warnings = check_clean_accuracy(accuracy_all, spec.num_classes, allow_low_accuracy=allow_low_accuracy,
+                                    class_names=names) + class_warnings(counts, names)
     bar.emit("evaluate_before", 0.0)
     t0 = time.perf_counter()
     before = _measure(model, **measure)
@@ -250,8 +286,9 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
         # The scan sees all of D (more images, steadier); the reference trains on the defense's part only.
         session = VerdictSession(model, data.x, data.y, ref_x=train_part.x, ref_y=train_part.y,
                                  num_classes=spec.num_classes, seed=seed, hflip=spec.in_channels == 3,
-                                 should_cancel=should_cancel)
-        v_before, scan_before = session.judge(model)
+                                 should_cancel=should_cancel,
+                                 on_step=lambda f: bar.emit("evaluate_before", _BEFORE * 0.6 * f))
+        v_before, scan_before = session.judge(model, lambda f: bar.emit("evaluate_before", _BEFORE * (0.6 + 0.4 * f)))
         verdicts["before"] = session.report(v_before, scan_before)
         verdicts["reference_seconds"] = round(session.reference_seconds, 3)
         prior = (v_before, scan_before)
@@ -274,7 +311,8 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     t0 = time.perf_counter()
     after = _measure(result.model, **measure)
     if session is not None:
-        v_after, scan_after = session.judge(result.model)
+        v_after, scan_after = session.judge(
+            result.model, lambda f: bar.emit("evaluate_after", _BEFORE + _DEFENSE + 0.09 * f))
         verdicts["after"] = session.report(v_after, scan_after)
         verdicts["change"] = compare(verdicts["before"], verdicts["after"])
         verdicts["headline"] = [verdict_headline(verdicts["before"], "before"),
@@ -303,7 +341,8 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
         "spec": spec.model_dump(mode="json"),
         "data": {"clean_subset": len(data), "defense_train": len(train_part), "holdout": len(holdout),
                  "eval_set": len(eval_set) if eval_set is not None else None, "clean_accuracy_on": accuracy_on,
-                 "probe": len(probe) if probe is not None else None, "probe_target": probe_target},
+                 "probe": len(probe) if probe is not None else None, "probe_target": probe_target,
+                 "class_names": names, "class_counts": counts, "clean_accuracy_all_before": accuracy_all},
         "verdict": verdicts or None,
         "metrics": {"before": before, "after": after},
         "crossfit": crossfit_result,
@@ -313,7 +352,7 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
         "defense_info": result.info,
         "log": result.log,
     }
-    report["warnings"] = warnings_for(report)
+    report["warnings"] = warnings + warnings_for(report)
     report = json.loads(json.dumps(report, default=_json_default))  # plain JSON types only
     return SanitizeOutcome(model=result.model, report=report)
 

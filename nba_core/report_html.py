@@ -108,6 +108,24 @@ def _class_table(report: dict) -> str:
     return f"<h2>Classes (label index → name)</h2><table><tr><th>label</th><th>name</th></tr>{cells}</table>"
 
 
+def _evidence_line(report: dict) -> str:
+    """The trigger-free scan in one sentence: which class looks like a backdoor target, before and after."""
+    metrics = report.get("metrics") or {}
+    before, after = _dig(metrics, ("before", "trigger_free")), _dig(metrics, ("after", "trigger_free"))
+    if not isinstance(before, dict):
+        return ""
+    names = _dig(report, ("data", "class_names")) or []
+    suspect = before.get("suspect_class")
+    label = f"{suspect} ({names[suspect]})" if isinstance(suspect, int) and suspect < len(names) else str(suspect)
+    text = (f"Trigger-free scan: the most backdoor-like class is {label}, anomaly index "
+            f"{before.get('anomaly_index')} before")
+    if isinstance(after, dict):
+        text += f" and {after.get('anomaly_index')} after"
+    flagged = before.get("flagged_classes") or []
+    return text + (f"; flagged before cleaning (index above {before.get('anomaly_threshold')}): {flagged}." if flagged
+                   else f"; no class above the threshold {before.get('anomaly_threshold')} before cleaning.")
+
+
 def render_report_html(report: dict, *, job_id: str | None = None, plots: bool = True) -> str:
     esc = html.escape
     title = f"NBA sanitization report{f' — job {job_id}' if job_id else ''}"
@@ -143,6 +161,9 @@ def render_report_html(report: dict, *, job_id: str | None = None, plots: bool =
     timing = report.get("timing") or {}
     if isinstance(timing.get("total_seconds"), (int, float)):
         parts.append(f"<p>total time {timing['total_seconds']:.1f} s</p>")
+    evidence = _evidence_line(report)
+    if evidence:
+        parts.append(f"<p>{esc(evidence)}</p>")
     classes = _class_table(report)
     if classes:
         parts.append(classes)

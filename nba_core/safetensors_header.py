@@ -29,6 +29,18 @@ DTYPE_SIZES: dict[str, int] = {
 CheckpointFormat = Literal["safetensors", "pt-zip", "pt-legacy", "unknown"]
 
 
+SPEC_METADATA_KEY = "nba_spec"  # safetensors metadata entry holding the model spec JSON (written by nba)
+
+
+def embedded_spec(path) -> str | None:
+    """The spec JSON a .safetensors written by nba carries in its metadata, or None (no torch needed)."""
+    import os
+
+    with open(path, "rb") as f:
+        header = check_safetensors_header(f, os.path.getsize(path))
+    return (header.get("__metadata__") or {}).get(SPEC_METADATA_KEY)
+
+
 def _unreadable(msg: str) -> NBAError:
     return NBAError(CHECKPOINT_UNREADABLE, f"not a valid safetensors file: {msg}")
 

@@ -69,6 +69,8 @@ class ModelSpec(BaseModel):
     mean: tuple[FiniteFloat, ...] = Field(description="per-channel mean subtracted after scaling pixels to [0, 1]")
     std: tuple[FiniteFloat, ...] = Field(description="per-channel std divided after subtracting the mean")
     arch_params: dict[str, Any] = Field(default_factory=dict, description="e.g. {'widen_factor': 2} for wrn16")
+    class_names: tuple[str, ...] | None = Field(default=None, description="the classes in label order (optional); "
+                                                "maps data folders and string labels to labels")
     spec_version: int = 1
 
     @field_validator("input_size")
@@ -96,12 +98,17 @@ class ModelSpec(BaseModel):
     def _channels_match(self) -> "ModelSpec":
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError("mean and std must have one entry per input channel")
+        if self.class_names is not None:
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"class_names has {len(self.class_names)} entries for {self.num_classes} classes")
+            if len(set(self.class_names)) != len(self.class_names) or not all(n.strip() for n in self.class_names):
+                raise ValueError("class_names must be distinct, non-empty names")
         if not all_finite(self.arch_params):
             raise ValueError("arch_params must not hold NaN or infinite numbers")
         return self
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True)
 
 
 def parse_spec(source: str | bytes | dict) -> ModelSpec:

@@ -14,6 +14,7 @@ success threshold is kept, as Neural Cleanse does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,8 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classe
                       steps: int, batch_size: int, l1_weight: float, lr: float = 0.1,
                       success_threshold: float = 0.9, generator: torch.Generator,
                       init: tuple[torch.Tensor, torch.Tensor] | None = None, mask_init: float = 0.5,
-                      should_cancel: CancelFn = never_cancel) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      should_cancel: CancelFn = never_cancel,
+                      on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The batched optimisation for the given target classes; returns (masks, patterns) of shape
     len(classes)×1×H×W and len(classes)×C×H×W, on x's device, and the number of steps run.
 
@@ -119,14 +121,16 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classe
     """
     return optimise_mask_triggers(model, x, y, targets=classes, sources=[], steps=steps, batch_size=batch_size,
                                   l1_weight=l1_weight, lr=lr, success_threshold=success_threshold,
-                                  generator=generator, init=init, mask_init=mask_init, should_cancel=should_cancel)
+                                  generator=generator, init=init, mask_init=mask_init, should_cancel=should_cancel,
+                                  on_step=on_step)
 
 
 def optimise_mask_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, targets: list[int],
                            sources: list[int | None], steps: int, batch_size: int, l1_weight: float, lr: float = 0.1,
                            success_threshold: float = 0.9, generator: torch.Generator,
                            init: tuple[torch.Tensor, torch.Tensor] | None = None, mask_init: float = 0.5,
-                           should_cancel: CancelFn = never_cancel) -> tuple[torch.Tensor, torch.Tensor, int]:
+                           should_cancel: CancelFn = never_cancel,
+                           on_step: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One batched smallest-mask optimisation over two kinds of rows:
     - a *target* row k looks for a trigger sending images of the other classes TO k (all-to-one backdoors);
     - a *source* row s looks for a trigger sending images OF class s to any other class; s = None means images of
@@ -157,9 +161,11 @@ def optimise_mask_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     best_mask = torch.sigmoid(mask_logit.detach()).clone()
     best_pattern = torch.sigmoid(pattern_logit.detach()).clone()
     with eval_mode(model):
-        for _ in range(steps):
+        for step in range(steps):
             if should_cancel():
                 raise Cancelled()
+            if on_step is not None:
+                on_step(step / steps)  # the fraction of the scan done (a long scan must not look stuck)
             idx = _sample(pools, batch_size, generator, device)  # rows×b
             row_class = torch.where(is_target, target_class, y[idx.flatten()])
             mask = torch.sigmoid(mask_logit)
@@ -201,7 +207,8 @@ def optimise_mask_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
 def scan_universal_triggers(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Tensor, *, num_classes: int,
                             steps: int = 60, batch_size: int = 8, l1_weight: float = 0.5, lr: float = 0.5,
                             held_back: float = 0.25, mask_init: float = 0.05, device: torch.device | None = None,
-                            generator: torch.Generator, should_cancel: CancelFn = never_cancel) -> ScanResult:
+                            generator: torch.Generator, should_cancel: CancelFn = never_cancel,
+                            on_step: Callable[[float], None] | None = None) -> ScanResult:
     """Scan all classes for a small universal trigger in one batched optimisation (see module doc).
 
     x_clean: N×C×H×W pixels in [0, 1] (tensor or array); y_clean: N labels. A `held_back` share of the images
@@ -221,7 +228,7 @@ def scan_universal_triggers(model: nn.Module, x_clean: torch.Tensor, y_clean: to
         raise NBAError(INVALID_PARAMS, "scan needs images from at least two classes")
     masks, patterns, n = optimise_triggers(model, x_opt, y_opt, classes, steps=steps, batch_size=batch_size,
                                            l1_weight=l1_weight, lr=lr, generator=generator, mask_init=mask_init,
-                                           should_cancel=should_cancel)
+                                           should_cancel=should_cancel, on_step=on_step)
     with eval_mode(model):
         rates = trigger_success(model, x[held_idx], y[held_idx], masks, patterns)
     l1 = masks.flatten(1).sum(1).cpu()

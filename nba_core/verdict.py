@@ -28,12 +28,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .train import CancelFn, TrainConfig, eval_mode, never_cancel, predict_logits, train_classifier
+from .train import (CancelFn, ProgressFn, TrainConfig, eval_mode, never_cancel, no_progress, predict_logits,
+                    train_classifier)
 from .triggerscan import apply_trigger, optimise_mask_triggers, scan_universal_perturbations
 
 SUSPECTED, NOT_SUSPECTED, INCONCLUSIVE = "suspected", "not_suspected", "inconclusive"
@@ -102,9 +104,11 @@ def scan_subset(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, seed
 
 
 def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: torch.device | None = None,
-               should_cancel: CancelFn = never_cancel, settings: dict | None = None) -> ModelScan:
+               should_cancel: CancelFn = never_cancel, settings: dict | None = None,
+               on_step: Callable[[float], None] | None = None) -> ModelScan:
     """Scan `model` on clean (x, y): patch, source and global rows (module doc). The random draws depend only on
-    `seed`, so two models scanned with the same seed see the same images in the same order."""
+    `seed`, so two models scanned with the same seed see the same images in the same order. `on_step(fraction)`
+    follows the mask optimisation, the bulk of the cost."""
     s = {**SCAN, **(settings or {})}
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
@@ -114,7 +118,7 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
     masks, patterns, _ = optimise_mask_triggers(
         model, xt, yt, targets=classes, sources=[None] * s["shift_restarts"], steps=s["steps"],
         batch_size=s["batch_size"], l1_weight=s["l1_weight"], lr=s["lr"], generator=gen, mask_init=s["mask_init"],
-        should_cancel=should_cancel)
+        should_cancel=should_cancel, on_step=on_step)
     l1 = masks.flatten(1).sum(1).cpu()
     best = num_classes + int(l1[num_classes:].argmin())
     masks = torch.cat([masks[:num_classes], masks[best : best + 1]])
@@ -142,7 +146,7 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
 
 
 def train_reference(model: nn.Module, x, y, *, seed: int, hflip: bool = False,
-                    should_cancel: CancelFn = never_cancel) -> nn.Module:
+                    should_cancel: CancelFn = never_cancel, progress: ProgressFn = no_progress) -> nn.Module:
     """The per-job benign reference: a copy of `model` fine-tuned hard on the clean (x, y) (module doc)."""
     device = next(model.parameters()).device
     xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
@@ -155,7 +159,7 @@ def train_reference(model: nn.Module, x, y, *, seed: int, hflip: bool = False,
         cfg = TrainConfig(epochs=REFERENCE["epochs"], lr=lr, shift=REFERENCE["shift"], hflip=hflip,
                           batch_size=REFERENCE["batch_size"], weight_decay=REFERENCE["weight_decay"])
         train_classifier(ref, xt, yt, cfg, generator=torch.Generator().manual_seed(int(seed) + 7919),
-                         should_cancel=should_cancel, stage="reference")
+                         should_cancel=should_cancel, stage="reference", progress=progress)
         ref.eval()
         # lr 0.1 on a few dozen images can diverge (a collapsed reference makes every class look odd): retry gentler.
         if _accuracy(ref, xt, yt) >= floor:
@@ -232,22 +236,29 @@ class VerdictSession:
     """The reference and its scan for one job, shared by the before- and after-verdict (same classes, same draws)."""
 
     def __init__(self, model: nn.Module, x, y, *, ref_x=None, ref_y=None, num_classes: int, seed: int = 0,
-                 hflip: bool = False, should_cancel: CancelFn = never_cancel):
+                 hflip: bool = False, should_cancel: CancelFn = never_cancel,
+                 on_step: Callable[[float], None] | None = None):
+        """`on_step(fraction)` reports how far the reference (training, then its scan) has come: minutes on a CPU
+        must not look stuck."""
         self.num_classes, self.seed, self.should_cancel = num_classes, int(seed), should_cancel
         self.problem = data_problem(y, num_classes)  # a missing or tiny class: the verdict can only be inconclusive
         self.x, self.y = scan_subset(x, y, seed)
+        step = on_step or (lambda f: None)
         t0 = time.perf_counter()
         self.reference = train_reference(model, x if ref_x is None else ref_x, y if ref_y is None else ref_y,
-                                         seed=seed, hflip=hflip, should_cancel=should_cancel)
+                                         seed=seed, hflip=hflip, should_cancel=should_cancel,
+                                         progress=lambda _stage, f: step(0.6 * f))
         self.reference_seconds = time.perf_counter() - t0
-        self.reference_scan = self.scan(self.reference)
+        step(0.6)
+        self.reference_scan = self.scan(self.reference, lambda f: step(0.6 + 0.4 * f))
+        step(1.0)
 
-    def scan(self, model: nn.Module) -> ModelScan:
+    def scan(self, model: nn.Module, on_step: Callable[[float], None] | None = None) -> ModelScan:
         return scan_model(model, self.x, self.y, num_classes=self.num_classes, seed=self.seed,
-                          should_cancel=self.should_cancel)
+                          should_cancel=self.should_cancel, on_step=on_step)
 
-    def judge(self, model: nn.Module) -> tuple[Verdict, ModelScan]:
-        scan = self.scan(model)
+    def judge(self, model: nn.Module, on_step: Callable[[float], None] | None = None) -> tuple[Verdict, ModelScan]:
+        scan = self.scan(model, on_step)
         return judge(scan, self.reference_scan, too_little_data=self.problem), scan
 
     def report(self, verdict: Verdict, scan: ModelScan) -> dict:

@@ -9,7 +9,7 @@ never overwrite the new attempt's state, and a job finishes exactly once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
@@ -45,6 +45,7 @@ class Claim:
     probe_target: int | None
     method: str
     params: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)  # class_names, allow_low_accuracy
 
 
 def claimable(cutoff: datetime):
@@ -75,7 +76,7 @@ def claim_job(session_factory: SessionFactory, job_id: str, *, worker: str, stal
                     heartbeat_at=now, stage="starting", progress=0.0, error_code=None, error_message=None,
                     updated_at=now)
             .returning(Job.attempts, Job.owner_id, Job.model_id, Job.dataset_id, Job.probe_id, Job.probe_target,
-                       Job.method, Job.params)
+                       Job.method, Job.params, Job.options)
             .execution_options(synchronize_session=False)
         ).first()
         if row is not None:
@@ -83,7 +84,8 @@ def claim_job(session_factory: SessionFactory, job_id: str, *, worker: str, stal
             session.commit()
             return CLAIMED, Claim(job_id=job_id, attempt=row.attempts, owner_id=row.owner_id, model_id=row.model_id,
                                   dataset_id=row.dataset_id, probe_id=row.probe_id, probe_target=row.probe_target,
-                                  method=row.method, params=dict(row.params or {}))
+                                  method=row.method, params=dict(row.params or {}),
+                                  options=dict(row.options or {}))
         session.rollback()
 
         job = session.get(Job, job_id)

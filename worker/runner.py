@@ -156,7 +156,8 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
             hf_zip = inputs.get("model_format") == "hf"
             run = dict(data_path=inputs["data"], method=claim.method, params=claim.params,
                        probe_path=inputs["probe"], probe_target=claim.probe_target, device=settings.device,
-                       progress=monitor.progress, should_cancel=monitor.should_cancel, on_before=on_before)
+                       progress=monitor.progress, should_cancel=monitor.should_cancel, on_before=on_before,
+                       allow_low_accuracy=bool(claim.options.get("allow_low_accuracy")))
             if claim.method == "scan":
                 if hf_zip:
                     raise NBAError(INVALID_PARAMS, "scan jobs do not yet take Hugging Face models; run nba with "
@@ -175,7 +176,8 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
                 report["output"] = {**report["output"], "weights_sha256": report["output"]["sha256"],
                                     "sha256": sha256_file(out_path), "zip": None}
             else:
-                report = sanitize(model_path=inputs["model"], spec=inputs["spec"], out_path=str(out_path), **run)
+                report = sanitize(model_path=inputs["model"], spec=inputs["spec"], out_path=str(out_path),
+                                  class_names=claim.options.get("class_names"), **run)
             report = json_safe(report)
             monitor.progress("store", 1.0)
             monitor.stop()

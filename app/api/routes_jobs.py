@@ -132,7 +132,8 @@ def create_job(body: JobCreate, response: Response, request: Request, state: Ser
             state.quotas.hit_submission(owner.id)
         now = utcnow()
         job = Job(owner_id=owner.id, model_id=body.model_id, dataset_id=body.dataset_id, probe_id=body.probe_id,
-                  probe_target=body.probe_target, method=body.method, params=body.params, status="queued",
+                  probe_target=body.probe_target, method=body.method, params=body.params, options=body.options(),
+                  status="queued",
                   progress=0.0, attempts=0, max_attempts=state.settings.max_attempts,
                   idempotency_key=idempotency_key, request_hash=rhash, cancel_requested=False,
                   created_at=now, updated_at=now)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.models import Artifact, Job
 
@@ -50,6 +50,21 @@ class JobCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (validated by the worker)")
     probe_id: str | None = Field(default=None, max_length=36, description="a triggered probe set (POST /v1/probes)")
     probe_target: int | None = Field(default=None, ge=0, description="the backdoor target class of the probe")
+    class_names: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=1000, description="the model's classes in label order: maps class folders and "
+        "string labels to labels (default: the spec's class_names, else integer or sorted folder names)")
+    allow_low_accuracy: bool = Field(default=False, description="run even when the model is near chance on the "
+                                     "clean data before cleaning (refused otherwise: accuracy_near_chance)")
+
+    @field_validator("method")
+    @classmethod
+    def _method_case(cls, v: str) -> str:
+        return v.strip().lower()  # "NBA" and "nba" name the same defense
+
+    def options(self) -> dict[str, Any] | None:
+        opts = {k: v for k, v in (("class_names", self.class_names),
+                                  ("allow_low_accuracy", self.allow_low_accuracy or None)) if v is not None}
+        return opts or None
 
 
 class JobLinks(BaseModel):
@@ -58,6 +73,8 @@ class JobLinks(BaseModel):
     model: str | None = None
     report: str | None = None
     report_html: str | None = None
+    report_link: str | None = Field(default=None, description="GET it (with your key) for a signed URL a browser "
+                                    "opens without the key")
 
 
 class ModelVerdict(BaseModel):
@@ -89,6 +106,9 @@ class JobOut(BaseModel):
     dataset_id: str
     probe_id: str | None
     probe_target: int | None
+    class_names: list[str] | None = Field(default=None, description="label order given at creation (the report "
+                                          "holds the order actually used)")
+    allow_low_accuracy: bool = False
     attempts: int
     max_attempts: int
     cancel_requested: bool
@@ -116,16 +136,18 @@ class JobOut(BaseModel):
         return cls(
             id=job.id, status=job.status, stage=job.stage, progress=job.progress, method=job.method,
             params=job.params or {}, model_id=job.model_id, dataset_id=job.dataset_id, probe_id=job.probe_id,
-            probe_target=job.probe_target, attempts=job.attempts, max_attempts=job.max_attempts,
-            cancel_requested=job.cancel_requested, error=error, verdict=verdict, warnings=warnings,
-            metrics=stored or None,
+            probe_target=job.probe_target, class_names=(job.options or {}).get("class_names"),
+            allow_low_accuracy=bool((job.options or {}).get("allow_low_accuracy")), attempts=job.attempts,
+            max_attempts=job.max_attempts, cancel_requested=job.cancel_requested, error=error, verdict=verdict,
+            warnings=warnings, metrics=stored or None,
             result=ArtifactOut.of(result) if result is not None else None,
             created_at=job.created_at, updated_at=job.updated_at, enqueued_at=job.enqueued_at,
             started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
             links=JobLinks(self=base, cancel=f"{base}/cancel",
                            model=f"{base}/model" if done and job.result_id else None,
                            report=f"{base}/report" if done and job.report_id else None,
-                           report_html=f"{base}/report?format=html" if done and job.report_id else None),
+                           report_html=f"{base}/report?format=html" if done and job.report_id else None,
+                           report_link=f"{base}/report-link" if done and job.report_id else None),
         )
 
 

@@ -124,6 +124,8 @@ class Job(Base):
     probe_target: Mapped[int | None] = mapped_column(Integer, nullable=True)
     method: Mapped[str] = mapped_column(String(16), nullable=False)
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False, default=dict)
+    # {"class_names": [...], "allow_low_accuracy": bool} as given at creation (migration 0003)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
     stage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)

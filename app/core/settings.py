@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     sweep_stale_after: int = Field(default=300, gt=0)
     heartbeat_interval: float = Field(default=0.5, gt=0)
     device: str = "auto"
+    # HMAC key of shareable report links (GET /v1/jobs/{id}/report-link). Unset: a random key kept in
+    # $NBA_DATA_DIR/link-secret (set it explicitly when several API replicas must accept each other's links).
+    link_secret: str | None = None
+    link_max_ttl: int = Field(default=24 * 3600, gt=0)
 
     # Request limits. JSON bodies (everything but the streamed uploads) are capped before any byte is parsed.
     max_json_body_bytes: int = Field(default=256 * 1024, gt=0)

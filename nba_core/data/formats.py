@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from ..errors import (
     NBAError,
 )
 from ..zip_bounds import check_zip_directory
+from .classes import folder_labels, labels_from_strings, names_from_folders
 from .imageset import ImageSet
 
 PathLike = str | os.PathLike
@@ -343,7 +344,7 @@ def _scan_tar(path: Path, gz: bool, limits: DataLimits, file_size: int) -> list[
 
 # ------------------------------------------------------------------------------------------- .npy headers
 
-_DESCR = re.compile(r"^[<>|=]?([biufc])(\d+)$")
+_DESCR = re.compile(r"^[<>|=]?([biufcUS])(\d+)$")  # numbers, and fixed-width strings for class names
 
 
 def _read_npy_header(f: io.BufferedIOBase, name: str) -> tuple[str, bool, tuple[int, ...], int]:
@@ -364,8 +365,8 @@ def _read_npy_header(f: io.BufferedIOBase, name: str) -> tuple[str, bool, tuple[
     except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError):
         raise NBAError(DATA_UNREADABLE, f"{name} has a malformed .npy header") from None
     if not isinstance(descr, str) or not _DESCR.match(descr):
-        raise NBAError(DATA_INVALID, f"{name} has dtype {descr!r}: only plain numeric arrays are accepted "
-                       "(object arrays are refused)")
+        raise NBAError(DATA_INVALID, f"{name} has dtype {descr!r}: only numeric and fixed-width string arrays are "
+                       "accepted (object arrays are refused: save strings with np.array(names, dtype=str))")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise NBAError(DATA_UNREADABLE, f"{name} has an invalid shape {shape!r}")
     return descr, bool(fortran), shape, 8 + len_bytes + header_len
@@ -380,7 +381,8 @@ def _npy_info(zf: zipfile.ZipFile, entry: _Entry) -> dict[str, Any]:
     numel = 1
     for d in shape:
         numel *= d
-    itemsize = int(_DESCR.match(descr).group(2))  # type: ignore[union-attr]
+    kind, width = _DESCR.match(descr).groups()  # type: ignore[union-attr]
+    itemsize = int(width) * (4 if kind == "U" else 1)  # "<U5": five UCS-4 characters
     # The declared shape must account for exactly the member's bytes, so np.load allocates only what is there.
     if numel * itemsize != entry.size - header_bytes:
         raise NBAError(DATA_UNREADABLE, f"{entry.name}: shape {list(shape)} does not match the stored data")
@@ -389,9 +391,10 @@ def _npy_info(zf: zipfile.ZipFile, entry: _Entry) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ ImageFolder
 
-def _image_layout(files: list[_Entry]) -> tuple[list[tuple[_Entry, int]], dict[str, int]]:
-    """Map `<class>/<image>` members to labels (an optional single top folder is allowed). Folder names that are
-    all integers are the labels; otherwise labels follow the sorted folder names."""
+def _image_layout(files: list[_Entry], class_names: Sequence[str] | None = None
+                  ) -> tuple[list[tuple[_Entry, int]], dict[str, int]]:
+    """Map `<class>/<image>` members to labels (an optional single top folder is allowed), by the rule of
+    data/classes.py: a class list when given, else integer folder names, else the sorted folder names."""
     images: list[tuple[_Entry, tuple[str, ...]]] = []
     for e in files:
         parts = PurePosixPath(e.name).parts
@@ -408,11 +411,7 @@ def _image_layout(files: list[_Entry]) -> tuple[list[tuple[_Entry, int]], dict[s
     bad = [e.name for e, p in images if len(p) != 2]
     if bad:
         raise NBAError(DATA_INVALID, f"expected <class>/<image> layout, got {bad[0]!r}")
-    folders = sorted({p[0] for _, p in images})
-    if all(f.isascii() and f.isdigit() for f in folders):
-        labels = {f: int(f) for f in folders}
-    else:
-        labels = {f: i for i, f in enumerate(folders)}
+    labels = folder_labels([p[0] for _, p in images], class_names)
     ordered = sorted(((e, labels[p[0]]) for e, p in images), key=lambda t: (t[1], t[0].name))
     return ordered, labels
 
@@ -462,25 +461,32 @@ def _npz_arrays(path: Path, files: list[_Entry]) -> dict[str, dict[str, Any]]:
     return arrays
 
 
+CHANNEL_COUNTS = (1, 3, 4)
+
+
+def is_channels_last(shape: tuple[int, int, int, int], expect_shape: tuple[int, int, int] | None = None) -> bool:
+    """THE layout rule for 4-D image arrays, whatever their dtype: the channel axis is the one whose size matches
+    the model's (C, H, W) when a spec is known, else the one of size 1, 3 or 4; channels-last when both fit."""
+    _, a, b, c = shape
+    if expect_shape is not None:
+        if (c, a, b) == tuple(expect_shape):
+            return True
+        if (a, b, c) == tuple(expect_shape):
+            return False
+    return not (a in CHANNEL_COUNTS and c not in CHANNEL_COUNTS)
+
+
 def npz_layout(x_shape: tuple[int, ...] | list[int], x_dtype: str,
                expect_shape: tuple[int, int, int] | None = None) -> tuple[int, tuple[int, int, int]]:
-    """(images, (C, H, W)) that loading an .npz `x` of this header shape/dtype yields (the same layout rules as
-    the loader: uint8 is N×H×W×C, float N×C×H×W, N×H×W is one channel, and a 4-D array whose other layout alone
-    fits the expected shape is read in that layout). Computed from the .npy header, before any decoding."""
+    """(images, (C, H, W)) that loading an .npz `x` of this header shape yields (the loader's rule, is_channels_last;
+    N×H×W is one channel). Computed from the .npy header, before any decoding; `x_dtype` does not matter."""
     shape = tuple(int(d) for d in x_shape)
     if len(shape) == 3:
         return shape[0], (1, shape[1], shape[2])
     if len(shape) != 4:
         raise NBAError(DATA_INVALID, f"x must be 3-D or 4-D, got shape {list(shape)}")
     n, a, b, c = shape
-    channels_last = (c, a, b)
-    channels_first = (a, b, c)
-    kind = _DESCR.match(x_dtype).group(1) if _DESCR.match(x_dtype) else "?"  # type: ignore[union-attr]
-    primary, other = (channels_last, channels_first) if kind == "u" and x_dtype.endswith("1") else (
-        channels_first, channels_last)
-    if expect_shape is not None and primary != tuple(expect_shape) and other == tuple(expect_shape):
-        return n, other
-    return n, primary
+    return n, ((c, a, b) if is_channels_last(shape, expect_shape) else (a, b, c))  # type: ignore[arg-type]
 
 
 def _check_npz_arrays(arrays: dict[str, dict[str, Any]], limits: DataLimits,
@@ -501,7 +507,8 @@ def _check_npz_arrays(arrays: dict[str, dict[str, Any]], limits: DataLimits,
     return images, shape
 
 
-def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits()) -> dict[str, Any]:
+def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits(),
+                       class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Validate a data file's structure without decoding images or loading arrays.
 
     Returns {"format", "members", "total_bytes"} plus, for npz, "arrays": {key: {"dtype", "shape"}}, or, for
@@ -516,7 +523,7 @@ def check_dataset_file(path: PathLike, limits: DataLimits = DataLimits()) -> dic
         info["image_shape"] = list(shape)
         info["label_range"] = _npz_label_range(path, info["arrays"]["y"])
     else:
-        images, labels = _image_layout(files)
+        images, labels = _image_layout(files, class_names)
         if len(images) > limits.max_images:
             raise NBAError(DATA_TOO_LARGE, f"{len(images)} images (limit {limits.max_images})")
         info["images"] = len(images)
@@ -539,29 +546,25 @@ def _npz_label_range(path: Path, y_info: dict[str, Any]) -> list[int] | None:
 
 # -------------------------------------------------------------------------------------------------- loading
 
-def _to_nchw(x: np.ndarray, channels_last: bool, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
-    """N×H×W -> N×1×H×W; 4-D arrays in their documented layout, or the other one if only that fits the spec."""
+def _to_nchw(x: np.ndarray, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
+    """N×H×W -> N×1×H×W; a 4-D array by the one layout rule (is_channels_last)."""
     if x.ndim == 3:
         return x[:, None]
     if x.ndim != 4:
         raise NBAError(DATA_INVALID, f"x must be 3-D or 4-D, got shape {list(x.shape)}")
-    nchw = x.transpose(0, 3, 1, 2) if channels_last else x
-    other = x if channels_last else x.transpose(0, 2, 3, 1)
-    if expect_shape is not None and tuple(nchw.shape[1:]) != expect_shape and tuple(other.shape[1:]) == expect_shape:
-        return other
-    return nchw
+    return x.transpose(0, 3, 1, 2) if is_channels_last(x.shape, expect_shape) else x
 
 
 def _images_from_array(x: np.ndarray, expect_shape: tuple[int, int, int] | None) -> np.ndarray:
     """One float32 N×C×H×W array (the only float copy made; uint8 is divided straight into it)."""
     if x.dtype == np.uint8:
-        nchw = _to_nchw(x, True, expect_shape)
+        nchw = _to_nchw(x, expect_shape)
         out = np.empty(nchw.shape, dtype=np.float32)
         np.divide(nchw, np.float32(255), out=out)
         return out
     if x.dtype.kind != "f":
-        raise NBAError(DATA_INVALID, f"x must be uint8 (N×H×W×C) or float32 (N×C×H×W) in [0, 1], got {x.dtype}")
-    x = np.ascontiguousarray(_to_nchw(x, False, expect_shape), dtype=np.float32)
+        raise NBAError(DATA_INVALID, f"x must be uint8 (0..255) or float (0..1), N×H×W×C or N×C×H×W, got {x.dtype}")
+    x = np.ascontiguousarray(_to_nchw(x, expect_shape), dtype=np.float32)
     if x.size and not np.isfinite(x).all():
         raise NBAError(DATA_INVALID, "x holds NaN or infinite values")
     if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
@@ -569,32 +572,45 @@ def _images_from_array(x: np.ndarray, expect_shape: tuple[int, int, int] | None)
     return np.clip(x, 0.0, 1.0, out=x)
 
 
-def _labels_from_array(y: np.ndarray) -> np.ndarray:
+def _labels_from_array(y: np.ndarray, class_names: Sequence[str] | None) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
         raise NBAError(DATA_INVALID, f"y must be 1-D, got shape {list(y.shape)}")
+    if y.dtype.kind in "US":  # class names as strings: their order comes from the class list
+        return np.asarray(labels_from_strings([str(v) for v in y.astype(str)], class_names), dtype=np.int64)
     if y.dtype.kind not in "iu":
-        raise NBAError(DATA_INVALID, f"y must hold integer class indices, got {y.dtype}")
+        raise NBAError(DATA_INVALID, f"y must hold integer class indices or class-name strings, got {y.dtype}")
     return y.astype(np.int64)
 
 
-def _load_npz(path: Path, expect_shape: tuple[int, int, int] | None) -> ImageSet:
+def _load_npz(path: Path, expect_shape: tuple[int, int, int] | None,
+              class_names: Sequence[str] | None = None) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as z:
             x_raw, y_raw = z["x"], z["y"]
+            listed = z["classes"] if "classes" in z.files else None
     except NBAError:
         raise
     except ValueError as e:  # numpy's refusal of object arrays without allow_pickle lands here
-        raise NBAError(DATA_INVALID, f"cannot load the .npz arrays: {e}") from None
+        raise NBAError(DATA_INVALID, f"cannot load the .npz arrays (x: numbers, y: integers or strings, classes: "
+                       f"strings; no object arrays): {e}") from None
     except (OSError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise NBAError(DATA_UNREADABLE, f"cannot load the .npz arrays: {e}") from None
+    if listed is not None:
+        if listed.ndim != 1 or listed.dtype.kind not in "US":
+            raise NBAError(DATA_INVALID, "the npz 'classes' array must be 1-D strings (class names in label order)")
+        listed = [str(v) for v in listed.astype(str)]
+        if class_names and list(class_names) != listed:
+            raise NBAError(DATA_INVALID, f"the npz lists classes {listed[:6]}... but the given class list is "
+                           f"{list(class_names)[:6]}...")
+    names = list(class_names) if class_names else listed
     x = _images_from_array(x_raw, expect_shape)
     del x_raw
-    y = _labels_from_array(y_raw)
+    y = _labels_from_array(y_raw, names)
     if len(x) != len(y):
         raise NBAError(DATA_INVALID, f"x has {len(x)} images but y has {len(y)} labels")
-    return ImageSet(x, y)
+    return ImageSet(x, y, class_names=names)
 
 
 def _decode_image(data: bytes, name: str, mode: str | None, size: tuple[int, int] | None,
@@ -625,8 +641,9 @@ def _decode_image(data: bytes, name: str, mode: str | None, size: tuple[int, int
 
 
 def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
-                        expect_shape: tuple[int, int, int] | None, limits: DataLimits) -> ImageSet:
-    images, _labels = _image_layout(files)
+                        expect_shape: tuple[int, int, int] | None, limits: DataLimits,
+                        class_names: Sequence[str] | None = None) -> ImageSet:
+    images, labels = _image_layout(files, class_names)
     if len(images) > limits.max_images:
         raise NBAError(DATA_TOO_LARGE, f"{len(images)} images (limit {limits.max_images})")
     mode = size = None
@@ -674,23 +691,33 @@ def _load_image_archive(path: Path, fmt: str, gz: bool, files: list[_Entry],
             put(m.name, data)
     if x is None or filled != len(images):
         raise NBAError(DATA_UNREADABLE, "the archive changed while it was being read")
-    return ImageSet(x, y)
+    names = list(class_names) if class_names else names_from_folders(labels)
+    return ImageSet(x, y, class_names=names)
 
 
 def load_dataset_file(path: PathLike, *, num_classes: int | None = None,
                       expect_shape: tuple[int, int, int] | None = None,
-                      limits: DataLimits = DataLimits()) -> ImageSet:
+                      limits: DataLimits = DataLimits(), class_names: Sequence[str] | None = None) -> ImageSet:
     """Load a user data file (format detected by content) into an ImageSet, checking it against the model:
-    labels in [0, num_classes), images of shape `expect_shape` = (C, H, W). Raises NBAError (DATA_*)."""
+    labels in [0, num_classes), images of shape `expect_shape` = (C, H, W). `class_names` (label order) maps
+    folder names and string labels; the resolved names are in the result's `class_names` (None when the data
+    names no classes). A directory of class folders is read as such. Raises NBAError (DATA_*)."""
     path = Path(path)
+    if path.is_dir():  # a plain folder of class folders: packed into a zip so it gets the archive's checks
+        from .classes import pack_folder
+
+        with tempfile.TemporaryDirectory(prefix="nba-folder-") as tmp:
+            pack_folder(path, Path(tmp) / "data.zip")
+            return load_dataset_file(Path(tmp) / "data.zip", num_classes=num_classes, expect_shape=expect_shape,
+                                     limits=limits, class_names=class_names)
     expect = tuple(int(d) for d in expect_shape) if expect_shape is not None else None
     fmt, files, gz = _scan(path, limits)
     if fmt == "npz":
         # .npy headers vs member sizes, then decoded size, image shape and label count, all before np.load.
         _check_npz_arrays(_npz_arrays(path, files), limits, expect)  # type: ignore[arg-type]
-        data = _load_npz(path, expect)  # type: ignore[arg-type]
+        data = _load_npz(path, expect, class_names)  # type: ignore[arg-type]
     else:
-        data = _load_image_archive(path, fmt, gz, files, expect, limits)  # type: ignore[arg-type]
+        data = _load_image_archive(path, fmt, gz, files, expect, limits, class_names)  # type: ignore[arg-type]
     if len(data) == 0:
         raise NBAError(DATA_INVALID, "the data file holds no images")
     if len(data) > limits.max_images:
@@ -708,18 +735,19 @@ def load_dataset_file(path: PathLike, *, num_classes: int | None = None,
 # -------------------------------------------------------------------------------------------------- writing
 
 def save_npz(path: PathLike, data: ImageSet) -> None:
-    """Write `data` as a compressed .npz (atomically): x as uint8 N×H×W×C when that is lossless (pixels on the
-    1/255 grid), otherwise float32 N×C×H×W; y as int64."""
+    """Write `data` as a compressed .npz (atomically), always N×H×W×C: x as uint8 when that is lossless (pixels
+    on the 1/255 grid), otherwise float32 in [0, 1]; y as int64; `classes` when the set names its classes."""
     u8 = np.rint(data.x * 255).clip(0, 255).astype(np.uint8)
     if np.array_equal(u8.astype(np.float32) / np.float32(255), data.x):
         x: np.ndarray = u8.transpose(0, 2, 3, 1)
     else:
-        x = data.x.astype(np.float32)
+        x = data.x.astype(np.float32).transpose(0, 2, 3, 1)
+    extra = {"classes": np.asarray(data.class_names, dtype=str)} if data.class_names else {}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
-            np.savez_compressed(f, x=np.ascontiguousarray(x), y=data.y.astype(np.int64))
+            np.savez_compressed(f, x=np.ascontiguousarray(x), y=data.y.astype(np.int64), **extra)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,6 +13,7 @@ class ImageSet:
 
     x: np.ndarray
     y: np.ndarray
+    class_names: list[str] | None = field(default=None, compare=False)  # label i is class_names[i], when known
 
     def __post_init__(self) -> None:
         self.x = np.ascontiguousarray(self.x, dtype=np.float32)
@@ -29,7 +30,7 @@ class ImageSet:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
     def subset(self, index: np.ndarray) -> "ImageSet":
-        return ImageSet(self.x[index], self.y[index])
+        return ImageSet(self.x[index], self.y[index], class_names=self.class_names)
 
     def without_class(self, label: int) -> "ImageSet":
         return self.subset(np.flatnonzero(self.y != label))

@@ -22,8 +22,9 @@ METHODS: tuple[str, ...] = tuple(_DEFENSES)
 
 
 def defense_class(method: str) -> type[Defense]:
+    """The defense class for a method name (case-insensitive: "NBA" is "nba")."""
     try:
-        module, cls = _DEFENSES[method].split(":")
+        module, cls = _DEFENSES[str(method).strip().lower()].split(":")
     except KeyError:
         raise NBAError(UNKNOWN_METHOD, f"unknown method {method!r}; known: {', '.join(METHODS)}") from None
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)

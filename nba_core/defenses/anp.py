@@ -26,7 +26,7 @@ from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, Cancelled, NBAError
 from ..models.base import SpecModel
 from ..train import augment
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .finetune import check_range, clean_tensors, working_copy
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)

@@ -20,6 +20,12 @@ from ..spec import ModelSpec
 from ..train import CancelFn, ProgressFn, never_cancel, no_progress
 
 
+def param(default: Any, help: str) -> Any:
+    """A Config field with its one-line description (`nba methods` shows it; a test requires one for every
+    parameter of every registered defense): `epochs: int = param(20, "epochs of fine-tuning")`."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DefenseContext:
     spec: ModelSpec
@@ -105,6 +111,13 @@ class Defense:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return dataclasses.asdict(cls.Config())
+
+    @classmethod
+    def describe(cls) -> dict[str, dict[str, Any]]:
+        """{parameter: {"default", "type", "help"}} in declaration order."""
+        defaults = cls.defaults()
+        return {f.name: {"default": defaults[f.name], "type": type(defaults[f.name]).__name__,
+                         "help": f.metadata.get("help", "")} for f in dataclasses.fields(cls.Config)}
 
     def run(self, model: SpecModel, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError

@@ -26,7 +26,7 @@ from ..data.imageset import ImageSet, stratified_split
 from ..errors import Cancelled
 from ..models.base import SpecModel, capture_outputs
 from ..train import predict_logits, train_classifier
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .behavior import as_feature_map
 from .finetune import FineTuningConfig, check_range, clean_tensors, working_copy
 
@@ -162,15 +162,19 @@ def bake_channel_prune(masked_model: nn.Module, mask: ChannelMask, layer: str, p
 
 @dataclass
 class FinePruningConfig:
-    holdout_fraction: float = 0.2  # slice of the clean subset that judges the accuracy drop while pruning
-    max_acc_drop: float = 0.10  # absolute drop of held-out accuracy that stops pruning (BackdoorBench: 10 %)
-    max_prune_ratio: float = 0.95
-    prune_step: float = 0.01  # fraction of channels pruned per step (at least one)
-    epochs: int = 20  # fine-tuning after pruning; 0 = prune only
-    lr: float = 0.01
-    batch_size: int = 64
-    weight_decay: float = 5e-4
-    shift: int = 2
+    # slice of the clean subset that judges the accuracy drop while pruning
+    holdout_fraction: float = param(0.2, "share of the clean subset held out to judge the accuracy drop while pruning")
+    # absolute drop of held-out accuracy that stops pruning (BackdoorBench: 10 %)
+    max_acc_drop: float = param(0.10, "stop pruning once held-out accuracy has dropped by this much (absolute)")
+    max_prune_ratio: float = param(0.95, "never prune more than this share of the last convolution's channels")
+    # fraction of channels pruned per step (at least one)
+    prune_step: float = param(0.01, "share of channels pruned per step (at least one), least active on clean data first")
+    # fine-tuning after pruning; 0 = prune only
+    epochs: int = param(20, "epochs of fine-tuning after pruning (0 = prune only)")
+    lr: float = param(0.01, "fine-tuning learning rate")
+    batch_size: int = param(64, "images per fine-tuning step")
+    weight_decay: float = param(5e-4, "fine-tuning L2 weight decay")
+    shift: int = param(2, "random translation (pixels) during fine-tuning")
 
     def __post_init__(self) -> None:
         check_range("holdout_fraction", self.holdout_fraction, 0.05, 0.5)

@@ -18,7 +18,7 @@ from ..device import prepare_model, to_device
 from ..errors import INVALID_PARAMS, NBAError
 from ..models.base import SpecModel
 from ..train import TrainConfig, train_classifier
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 
 
 def clean_tensors(clean: ImageSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,13 +41,14 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
 
 @dataclass
 class FineTuningConfig:
-    epochs: int = 20
-    lr: float = 0.1
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    shift: int = 2  # random translation ±shift px (the small-image analogue of random-crop-with-padding)
-    schedule: str = "cosine"
+    epochs: int = param(20, "epochs of fine-tuning on the clean subset")
+    lr: float = param(0.1, "initial SGD learning rate")
+    batch_size: int = param(64, "images per SGD step")
+    momentum: float = param(0.9, "SGD momentum")
+    weight_decay: float = param(5e-4, "L2 weight decay")
+    # random translation ±shift px (the small-image analogue of random-crop-with-padding)
+    shift: int = param(2, "random translation of training images by up to this many pixels (augmentation)")
+    schedule: str = param("cosine", "learning-rate schedule: cosine | step | constant")
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, 1, 1000)

@@ -34,7 +34,7 @@ from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, Cancelled, NBAError
 from ..models.base import SpecModel
 from ..train import iterate_batches, predict_logits
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .finetune import check_range, clean_tensors, working_copy
 
 

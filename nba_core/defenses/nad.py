@@ -20,7 +20,7 @@ from ..data.imageset import ImageSet
 from ..errors import INVALID_PARAMS, NBAError
 from ..models.base import SpecModel, capture_outputs
 from ..train import TrainConfig, train_classifier
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .behavior import attention_distance
 from .finetune import check_range, clean_tensors, working_copy
 from .teacher import train_teacher

@@ -25,7 +25,7 @@ from ..models.base import SpecModel, capture_outputs
 from ..train import TrainConfig, eval_mode, predict_logits, train_classifier
 from ..triggerscan import apply_trigger, optimise_mask_triggers
 from ..verdict import SCAN, ModelScan, Verdict, judge, scan_model
-from .base import Defense, DefenseContext, DefenseResult, StageTimer
+from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .behavior import REPRESENTATIONS, behavior_distance
 from .teacher import train_teacher
 
@@ -35,61 +35,71 @@ PSEUDO_MODES = ("off", "per_sample", "universal", "class_scan", "class_scan+univ
 @dataclass
 class NBAConfig:
     # Teacher (NBA.md §5 lesson 1: it must be trained hard enough to break the backdoor).
-    teacher_epochs: int = 10
-    teacher_lr: float = 0.1
-    teacher_shift: int = 2
+    teacher_epochs: int = param(10, "epochs training the teacher (fine-tuned from the suspect model) hard enough to break the backdoor")
+    teacher_lr: float = param(0.1, "teacher learning rate")
+    teacher_shift: int = param(2, "random translation (pixels) while training the teacher")
     # Knowledge form: comma-separated subset of attention, channel, relational, flow; layers "" = model's stages.
-    representations: str = "attention"
-    layers: str = ""
+    representations: str = param("attention", "behaviour representations aligned, comma-separated subset of attention, channel, relational, flow")
+    layers: str = param("", "layers whose behaviour is aligned; empty = the model's stages")
     # Pseudo samples: off | per_sample | universal | class_scan | class_scan+universal. Default (validated on MNIST-5k
     # small_cnn, six attacks): the mask+pattern scan covers patch triggers (BadNets, Trojan) but picked the wrong
     # class for WaNet and cannot express a blend; the universal δ toward the class a small global change reaches
     # most easily covers Blended/WaNet/SIG (it found the target for all three at scan_eps 0.15, not at 0.05-0.1).
-    pseudo: str = "class_scan+universal"
+    pseudo: str = param("class_scan+universal", "pseudo samples exposing the backdoor: off | per_sample | universal | "
+                        "class_scan | class_scan+universal")
     # class_scan: the suspects come from the verdict's scan (nba_core/verdict.py; the pipeline hands its
     # before-verdict over, so the report and NBA never disagree): every flagged target's patch trigger, the
     # label-shift trigger when pairs are flagged, and the global δ of every class flagged by the global rows.
     # Without a verdict (library use) NBA runs the same scan itself, with its teacher as the benign reference.
-    scan_steps: int = SCAN["steps"]
-    scan_batch: int = SCAN["batch_size"]
-    top_k: int = 1  # class_scan: when the verdict flags nothing, the top_k classes by patch score are used
-    refresh_every: int = 0  # epochs between re-optimising the suspect triggers against the student (0 = never)
-    refresh_steps: int = 10
-    eps: float = 0.1  # per_sample / universal: L∞ bound of δ in pixel units
+    scan_steps: int = param(SCAN["steps"], "optimisation steps of the trigger scan NBA runs itself when no verdict "
+                            "is handed over (class_scan)")
+    scan_batch: int = param(SCAN["batch_size"], "images per row per step of that trigger scan")
+    top_k: int = param(1, "when the verdict flags nothing: how many classes (by patch score) get pseudo triggers")
+    refresh_every: int = param(0, "epochs between re-optimising the suspect triggers against the student (0 = never)")
+    refresh_steps: int = param(10, "optimisation steps of each trigger refresh")
+    eps: float = param(0.1, "L-infinity bound (pixels) of the per-sample / universal perturbation")
     # class_scan: also a universal additive δ (L∞ ≤ scan_eps) targeted at the suspect class, for triggers that
     # are global rather than patch-like (blends, warps); half of each batch gets it. 0 switches it off.
-    scan_eps: float = 0.15
+    scan_eps: float = param(0.15, "L-infinity bound (pixels) of the universal perturbation added for global "
+                            "triggers (0 = off)")
     # class_scan+universal: the δ's target classes are the verdict's global-flagged classes, or else the uap_top_k
     # classes by global score (the scan's universal δ, L∞ ≤ scan_eps, uap_steps steps).
-    uap_top_k: int = 1
-    uap_steps: int = SCAN["uap_steps"]
-    stack_delta: bool = False  # δ on top of the patch-stamped rows instead of separate rows (worse on Trojan/SIG)
-    pseudo_steps: int = 5  # per_sample / universal: signed-gradient steps per batch
+    uap_top_k: int = param(1, "when no class is flagged by the global rows: how many classes (by global score) get "
+                           "a universal perturbation (class_scan+universal)")
+    uap_steps: int = param(SCAN["uap_steps"], "steps of the universal-perturbation scan (class_scan+universal)")
+    stack_delta: bool = param(False, "put the perturbation on top of the patch-stamped images instead of on "
+                              "separate images")
+    pseudo_steps: int = param(5, "signed-gradient steps per batch for per_sample / universal pseudo samples")
     # Loss weights (validation runs, docs/nba.md): the teacher does not always lose the backdoor (BadNets s1: the KL to it
     # on x̃ taught S the trigger back, ASR 93 %; with kl_weight 0 ASR 0.3 %), and aligning behaviour on x̃
     # (gamma) was worse than not (SIG 21 vs 9 % ASR). D's true labels on x̃ (pseudo_ce) do the unlearning;
     # weight 2 took Trojan 7.8 → 1.8 %, SIG 9.0 → 2.2 %, BadNets s0 4.0 → 0.7 % ASR for ≤ 0.4 CA points.
-    beta: float = 1.0  # clean-input behaviour alignment
-    gamma: float = 0.0  # pseudo-sample behaviour alignment
-    kl_weight: float = 0.0  # λ: KL(T(x̃) ‖ S(x̃))
-    pseudo_ce: float = 2.0  # CE(S(x̃), y): D's true labels on pseudo samples (Neural-Cleanse-style unlearning)
+    # clean-input behaviour alignment
+    beta: float = param(1.0, "weight of behaviour alignment on clean inputs")
+    # pseudo-sample behaviour alignment
+    gamma: float = param(0.0, "weight of behaviour alignment on pseudo samples")
+    # λ: KL(T(x̃) ‖ S(x̃))
+    kl_weight: float = param(0.0, "weight of KL(teacher || student) on pseudo samples")
+    # CE(S(x̃), y): D's true labels on pseudo samples (Neural-Cleanse-style unlearning)
+    pseudo_ce: float = param(2.0, "weight of cross-entropy with the true labels on pseudo samples (the unlearning term)")
     # KL(B(x) ‖ S(x)) at temperature kd_temperature on CLEAN inputs, B = the suspect model: its clean-input
     # behaviour is its best feature (highest CA), so it anchors S's accuracy while x̃ does the unlearning.
     # Validated on tuning seeds 10-11 (never the table's seeds 0-2), six attacks: weight 1 took the average CA drop
     # 1.90 → 1.27 points and ASR 1.20 → 1.07 %; 0.3 and 2 were in between (docs/benchmarks/nba_defaults_validation.md).
-    suspect_kd: float = 1.0
-    kd_temperature: float = 2.0
+    suspect_kd: float = param(1.0, "weight of distillation from the suspect model on clean inputs (keeps clean accuracy)")
+    kd_temperature: float = param(2.0, "temperature of that distillation")
     # Prediction behaviour in the paper's form: KL(T(x) ‖ S(x)) at kd_temperature on clean inputs (the paper preset).
-    teacher_kd: float = 0.0
+    teacher_kd: float = param(0.0, "weight of distillation from the teacher on clean inputs (KL at kd_temperature)")
     # Student.
-    student_epochs: int = 20
-    student_lr: float = 0.01
-    student_shift: int = 1
-    batch_size: int = 64
-    pseudo_mix: bool = True  # every other image of the pseudo batch stays clean (see extra_loss)
+    student_epochs: int = param(20, "epochs training the student")
+    student_lr: float = param(0.01, "student learning rate")
+    student_shift: int = param(1, "random translation (pixels) while training the student")
+    batch_size: int = param(64, "images per step")
+    # every other image of the pseudo batch stays clean (see extra_loss)
+    pseudo_mix: bool = param(True, "keep every other image of a pseudo batch clean")
     # Of D, kept out of the student's training to pick the best epoch. 0 = train on all of D, keep the last
     # epoch: a 40-image held-out set picked epoch 1 on BadNets s1 (ASR 75 %), and the unlearning is monotone.
-    holdout_fraction: float = 0.0
+    holdout_fraction: float = param(0.0, "share of the clean subset held out to pick the best student epoch (0 = use all, keep the last)")
 
 
 def _kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

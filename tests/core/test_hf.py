@@ -247,9 +247,11 @@ def test_cli_sanitizes_an_hf_zip_without_spec_and_removes_the_backdoor(hf_resnet
     assert evaluated["attack_success_rate"] == pytest.approx(after["attack_success_rate"], abs=1e-6)
     # what the CLI wrote is what we measured
     reloaded = load_hf_model(out)
-    probe = np.load(hf_resnet["probe"])
-    pred = reloaded.module(torch.as_tensor(probe["x"]).float()).argmax(1)
-    mask = probe["y"] != 0
+    from nba_core.data.formats import load_dataset_file
+
+    probe = load_dataset_file(hf_resnet["probe"])  # the one npz layout rule (save_npz writes N×H×W×C)
+    pred = reloaded.module(torch.as_tensor(probe.x).float()).argmax(1)
+    mask = probe.y != 0
     asr = float((pred[torch.as_tensor(mask)] == 0).float().mean())
     assert asr == pytest.approx(after["attack_success_rate"], abs=1e-6)
 
@@ -259,9 +261,11 @@ def test_clean_images_are_resized_to_the_model_input(hf_resnet, tmp_path):
     from nba_core.data.imageset import ImageSet
     from nba_core.hf_pipeline import sanitize_hf
 
-    clean = np.load(hf_resnet["clean"])
-    x = torch.nn.functional.interpolate(torch.as_tensor(clean["x"]).float(), size=(16, 16)).numpy()
-    save_npz(tmp_path / "big.npz", ImageSet(x, clean["y"]))
+    from nba_core.data.formats import load_dataset_file
+
+    clean = load_dataset_file(hf_resnet["clean"])  # N×C×H×W floats, whatever layout the npz holds
+    x = torch.nn.functional.interpolate(torch.as_tensor(clean.x).float(), size=(16, 16)).numpy()
+    save_npz(tmp_path / "big.npz", ImageSet(x, clean.y))
     report = sanitize_hf(model_path=str(hf_resnet["folder"]), data_path=str(tmp_path / "big.npz"), method="ft",
                          params={"epochs": 1}, out_path=str(tmp_path / "out"), evidence=False)
     assert report["data"]["resized_from"] == [16, 16] and report["data"]["input_size"] == [8, 8]
@@ -297,7 +301,8 @@ def test_nba_and_nad_run_on_vit_tokens(tmp_path):
     for method, params in (("nad", {"teacher_epochs": 1, "epochs": 1}),
                            ("nba", {"teacher_epochs": 1, "student_epochs": 1, "scan_steps": 2, "refresh_every": 0})):
         report = sanitize_hf(model_path=str(folder), data_path=str(tmp_path / "clean.npz"), method=method,
-                             params=params, out_path=str(tmp_path / method), evidence=False)
+                             params=params, out_path=str(tmp_path / method), evidence=False,
+                             allow_low_accuracy=True)  # an untrained ViT: the mechanics, not the accuracy
         assert report["defense_info"]["layers"] == ["hf.vit.layers.0", "hf.vit.layers.2", "hf.vit.layers.3"]
         assert (tmp_path / method / "model.safetensors").is_file()
 
@@ -384,7 +389,7 @@ def test_sanitize_module_cleans_a_plain_module_with_automatic_layers():
     assert seen == sorted(seen) and "attack_success_rate" in report["metrics"]["after"]
     with pytest.raises(Cancelled):
         nba_core.sanitize_module(plain, (clean.x, clean.y), method="ft", num_classes=10, input_size=(8, 8),
-                                 should_cancel=lambda: True, evidence=False)
+                                 mean=(0.3,), std=(0.4,), should_cancel=lambda: True, evidence=False)
     with pytest.raises(NBAError) as e:
         nba_core.sanitize_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
                                  (clean.x, clean.y), method="anp", num_classes=10, input_size=(8, 8))
@@ -413,5 +418,6 @@ def test_every_applicable_defense_runs_on_an_hf_cnn_and_transformer(config, tmp_
     assert allowed == (list(FAST) if config is TINY_RESNET else ["ft", "nad", "ibau", "nba"])
     for method in allowed:
         outcome = sanitize_loaded(loaded.module, train.subset(idx), spec=loaded.spec, method=method,
-                                  params=FAST[method], evidence=False, device="cpu")
+                                  params=FAST[method], evidence=False, device="cpu",
+                                  allow_low_accuracy=True)  # untrained: the mechanics, not the accuracy
         assert outcome.report["metrics"]["after"]["clean_accuracy"] is not None, method

@@ -32,7 +32,7 @@ def test_library_cli_runs_without_the_service():
             + "from nba_core.cli import main\nraise SystemExit(main(['methods', 'ft']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert '"ft"' in proc.stdout
+    assert proc.stdout.startswith("ft: ") and "epochs" in proc.stdout
 
 
 def test_library_wheel_ships_only_nba_core_and_service_wheel_the_rest():
@@ -67,3 +67,20 @@ def test_command_groups_compose_the_cli():
             pass
     for command in ("attack", "sanitize", "evaluate", "methods", "serve", "keys", "submit", "download", "demo"):
         assert command in out.getvalue()
+
+
+def test_service_cli_runs_as_a_module_whether_or_not_its_entry_point_is_installed(tmp_path):
+    """`python -m app.cli` registers the service commands once, also when the nba.commands entry point is visible
+    (an editable install, or its egg-info next to the code)."""
+    info = tmp_path / "fake_service-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-service\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[nba.commands]\nservice = app.cli:register\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    for module in ("app.cli", "nba_core.cli"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "serve" in proc.stdout and "sanitize" in proc.stdout

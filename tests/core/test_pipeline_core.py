@@ -33,7 +33,7 @@ def test_core_cleans_a_module_in_memory(backdoored, tmp_path, monkeypatch):
     assert report["metrics"]["after"]["attack_success_rate"] == pytest.approx(
         attack_success_rate(outcome.model, triggered.x, triggered.y, 0))
     values = [v for _, v in stages]
-    assert values == sorted(values) and stages[0][0] == "evaluate_before"
+    assert values == sorted(values) and stages[0][0] == "check"  # the near-chance gate runs first
 
 
 def test_core_validates_and_cancels(backdoored):

@@ -25,7 +25,7 @@ def test_killed_worker_job_is_redelivered_and_completes_once(client, worker_fact
     # delivery) has passed; by then the dead worker's heartbeat is stale, so the claim succeeds (attempt 2).
     worker_factory(flush=False, job_soft_time_limit=30, job_hard_time_limit=35, visibility_timeout=36)
     done = client.wait(job["id"], poll=0.5, timeout=120)
-    assert done["status"] == "succeeded", done
+    assert done["status"] == "succeeded", (done["error"], done["attempts"], done["stage"])
     assert done["attempts"] == 2
     assert result_count(sessions, job["id"]) == 1
     # The delivery that is left over (if any) is a no-op: still one result, same attempts.
