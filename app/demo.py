@@ -171,15 +171,19 @@ def run_demo(*, data_dir: str | None = None, workdir: str | None = None, method:
     after = evaluate_locally(cleaned, files["spec"], files["test"], files["test_triggered"], target)
     svc_b, svc_a = report["metrics"]["before"], report["metrics"]["after"]
 
+    on = {"eval_set": "evaluation set", "holdout": "held-out subset",
+          "clean_subset": "clean subset, optimistic"}.get(svc_b.get("clean_accuracy_on"), "held-out subset")
     rows = [("clean accuracy, test set (local)", before["clean_accuracy"], after["clean_accuracy"]),
             ("attack success rate, test set (local)", before["attack_success_rate"], after["attack_success_rate"]),
-            ("clean accuracy, held-out subset (service)", svc_b.get("clean_accuracy"), svc_a.get("clean_accuracy")),
+            (f"clean accuracy, {on} (service)", svc_b.get("clean_accuracy"), svc_a.get("clean_accuracy")),
             ("attack success rate, probe (service)", svc_b.get("attack_success_rate"),
              svc_a.get("attack_success_rate"))]
     print()
-    print(f"  {'metric':<42} {'before':>9} {'after':>9}")
+    for line in (report.get("verdict") or {}).get("headline") or []:  # the service's trigger-free verdict first
+        print(f"  {line}")
+    print(f"  {'metric':<50} {'before':>9} {'after':>9}")
     for name, b, a in rows:
-        print(f"  {name:<42} {_pct(b):>9} {_pct(a):>9}")
+        print(f"  {name:<50} {_pct(b):>9} {_pct(a):>9}")
     print()
     print(f"done in {time.perf_counter() - t0:.0f} s; files in {work}")
     return 0
