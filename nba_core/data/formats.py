@@ -287,16 +287,10 @@ def _count_tar_members(path: Path, gz: bool, limits: DataLimits) -> int:
             header = buf[pos:pos + 512]
             if header.count(0) == 512:
                 return count  # end-of-archive marker
-            try:
-                size = _tar_size(header[124:136])
-            except ValueError:
+            size = _tar_header_size(header)
+            if size is None:
                 return count
-            if size < 0:
-                return count
-            if header[156] not in _TAR_META_TYPES:
-                count += 1
-                if count > limits.max_members:
-                    raise NBAError(DATA_TOO_LARGE, f"archive has more than {limits.max_members} members")
+            count = _count_member(header, count, limits)
             pos += 512 + (size + 511) // 512 * 512
         if pos > len(buf):
             skip = pos - len(buf)
@@ -306,21 +300,35 @@ def _count_tar_members(path: Path, gz: bool, limits: DataLimits) -> int:
     return count
 
 
+def _tar_header_size(header: bytes) -> int | None:
+    """The data size a 512-byte tar header declares, or None where the walk must stop (unreadable or negative:
+    tarfile itself then reports what is wrong)."""
+    try:
+        size = _tar_size(header[124:136])
+    except ValueError:
+        return None
+    return size if size >= 0 else None
+
+
+def _count_member(header: bytes, count: int, limits: DataLimits) -> int:
+    """`count` plus this header's member (metadata headers such as pax/long names do not count), bounded."""
+    if header[156] in _TAR_META_TYPES:
+        return count
+    count += 1
+    if count > limits.max_members:
+        raise NBAError(DATA_TOO_LARGE, f"archive has more than {limits.max_members} members")
+    return count
+
+
 def _count_plain_tar_members(path: Path, limits: DataLimits) -> int:
     """The same walk on an uncompressed tar: read each header, seek past its data."""
     count = 0
     with open(path, "rb") as f:
         while len(header := f.read(512)) == 512 and header.count(0) != 512:
-            try:
-                size = _tar_size(header[124:136])
-            except ValueError:
+            size = _tar_header_size(header)
+            if size is None:
                 return count
-            if size < 0:
-                return count
-            if header[156] not in _TAR_META_TYPES:
-                count += 1
-                if count > limits.max_members:
-                    raise NBAError(DATA_TOO_LARGE, f"archive has more than {limits.max_members} members")
+            count = _count_member(header, count, limits)
             f.seek((size + 511) // 512 * 512, os.SEEK_CUR)
     return count
 
