@@ -90,6 +90,19 @@ def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], Non
     return app
 
 
+def _start_poll_cache(app: FastAPI, settings: Settings):
+    """One LISTEN thread per API process (uvicorn --workers runs the lifespan in each)."""
+    from app.api.poll_cache import ChangeListener, PollCache, libpq_url
+    from app.core.keys import LAST_USED_GRANULARITY_S
+
+    conninfo = libpq_url(str(settings.database_url)) if settings.poll_cache else None
+    if conninfo is None:
+        return None
+    cache = PollCache(key_ttl_s=LAST_USED_GRANULARITY_S)
+    app.state.nba.poll_cache = cache
+    return ChangeListener(cache, conninfo).start()
+
+
 def _lifespan(settings: Settings):
     from contextlib import asynccontextmanager
 
@@ -99,6 +112,11 @@ def _lifespan(settings: Settings):
         from anyio import to_thread
 
         to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        yield
+        listener = _start_poll_cache(_app, settings)
+        try:
+            yield
+        finally:
+            if listener is not None:
+                listener.stop()
 
     return lifespan

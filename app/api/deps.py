@@ -28,6 +28,9 @@ class ServiceState:
     quotas: Any = None  # app.api.quotas.Quotas
     # Sessions on autocommit connections (no BEGIN/ROLLBACK round trips) for read-mostly hot paths.
     read_sessions: Any = None
+    # Status polls kept in memory, dropped on Postgres change notifications (app.api.poll_cache.PollCache);
+    # None where there is no NOTIFY (SQLite) or the setting is off.
+    poll_cache: Any = None
 
     def __post_init__(self) -> None:
         if self.read_sessions is None:

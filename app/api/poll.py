@@ -1,4 +1,5 @@
-"""The status poll, GET /v1/jobs/{id}: the hot path, one SQL statement per request.
+"""The status poll, GET /v1/jobs/{id}: the hot path, one SQL statement per request when the answer is not in
+the poll cache (app/api/poll_cache.py).
 
 Key, owner, job and result artifact come back from one query (key by its indexed prefix, job joined on id AND
 owner, so another owner's job simply is not there), run outside a transaction (an autocommit connection: no BEGIN
@@ -37,6 +38,19 @@ _POLL = (select(_K.c.id.label("k_id"), _K.c.key_hash.label("k_hash"), _K.c.last_
 
 def poll_job(session: Session, token: str | None, job_id: str) -> JobOut:
     """401 for a bad key, 404 for a job that is not the caller's; else the job as the API shows it."""
+    return poll_row(session, token, job_id)[0]
+
+
+def token_digest(token: str | None) -> str | None:
+    """The stored hash of a well-formed key (None for anything that cannot be one)."""
+    if (not token or not token.startswith(keys.KEY_PREFIX) or len(token) < keys.PREFIX_LEN
+            or len(token) > 200):
+        return None
+    return keys.hash_key(token)
+
+
+def poll_row(session: Session, token: str | None, job_id: str) -> tuple[JobOut, str, str]:
+    """`poll_job`, plus the key's id and the owner's id (what the poll cache keeps)."""
     if (not token or not token.startswith(keys.KEY_PREFIX) or len(token) < keys.PREFIX_LEN
             or len(token) > 200):
         raise NBAError(keys.UNAUTHORIZED, "missing, invalid or revoked API key", http_status=401)
@@ -57,5 +71,5 @@ def poll_job(session: Session, token: str | None, job_id: str) -> JobOut:
         result = None
         if row.r_id is not None:
             result = SimpleNamespace(**{name: getattr(row, f"r_{name}") for name in _RESULT_COLUMNS})
-        return JobOut.of(row, result)  # type: ignore[arg-type]
+        return JobOut.of(row, result), row.k_id, row.owner_id  # type: ignore[arg-type]
     raise NBAError(keys.UNAUTHORIZED, "missing, invalid or revoked API key", http_status=401)

@@ -96,5 +96,7 @@ async def debug_process(state: ServiceState = Depends(get_state)) -> dict[str, A
     """Only with NBA_DEBUG=1: lets tests check that the API process never imported torch."""
     if not state.settings.debug:
         raise not_found("path", "/v1/_debug/process")
+    cache = state.poll_cache
     return {"pid": os.getpid(), "torch_imported": "torch" in sys.modules,
-            "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "matplotlib"))}
+            "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "matplotlib")),
+            "poll_cache": None if cache is None else {"live": cache.live, "hits": cache.hits}}

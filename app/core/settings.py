@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # DB_POOL_RECYCLE seconds instead of being pinged on every checkout.
     api_threads: int = Field(default=32, ge=1, le=512)
     db_pool_recycle: int = Field(default=1800, gt=0)
+    # Serve repeated status polls from memory, invalidated by Postgres NOTIFY (app/api/poll_cache.py). Postgres
+    # only; off means every poll is one SELECT.
+    poll_cache: bool = True
 
     # Extra endpoints for bench/service_speed.py's ceilings (constant JSON, one SELECT by primary key). Off.
     bench_endpoints: bool = False
