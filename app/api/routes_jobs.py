@@ -268,6 +268,12 @@ def download_model(job_id: str, request: Request, state: ServiceState = Depends(
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     size = artifact.size_bytes
+    prefix = state.settings.accel_redirect_prefix
+    if prefix and isinstance(state.store, LocalStore) and size:
+        # nginx serves the stored file (sendfile, and Range/If-Range itself); the API has checked the owner and
+        # the job. deploy/nginx.conf adds ETag and X-Content-SHA256 back from these headers.
+        return Response(status_code=200, media_type="application/octet-stream",
+                        headers=headers | {"X-Accel-Redirect": prefix + artifact.storage_key})
     if_range = request.headers.get("if-range")
     rng = parse_range(request.headers.get("range"), size) if (not if_range or if_range.strip() == etag) else None
     start, end = rng if rng is not None else (0, size - 1)

@@ -83,10 +83,10 @@ class StoreTarget(BaseTarget):
         assert self.writer is not None
         if not self.pending:
             return
-        data = b"".join(self.pending)
+        batch = self.pending  # handed over as it is: the writer hashes and writev()s the chunks, no join
         self.pending, self.pending_bytes = [], 0
         await self.wait_written()
-        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.write, data)
+        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.write_many, batch)
 
     async def wait_written(self) -> None:
         """Wait for the batch in flight (its error, e.g. the size cap or a full disk, is raised here)."""

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # DB_POOL_RECYCLE seconds instead of being pinged on every checkout.
     api_threads: int = Field(default=32, ge=1, le=512)
     db_pool_recycle: int = Field(default=1800, gt=0)
+    # Behind nginx with the local artifact store mounted at this internal location (deploy/nginx.conf): model
+    # downloads are answered with X-Accel-Redirect and nginx sends the file itself (sendfile, Range). Unset: the
+    # API streams the file.
+    accel_redirect_prefix: str | None = Field(default=None, pattern=r"^/[A-Za-z0-9_/-]*/$")
     # Serve repeated status polls from memory, invalidated by Postgres NOTIFY (app/api/poll_cache.py). Postgres
     # only; off means every poll is one SELECT.
     poll_cache: bool = True

@@ -66,6 +66,8 @@ class StreamWriter(Protocol):
 
     def write(self, chunk: bytes) -> None: ...
 
+    def write_many(self, chunks: list[bytes]) -> None: ...
+
     def commit(self) -> StoredObject: ...
 
     def abort(self) -> None: ...
@@ -141,39 +143,49 @@ class _StoreHelpers:
 
 
 class _LocalWriter:
+    """Writes straight to the file descriptor (no Python-level buffer): uploads arrive in MiB batches anyway, and
+    write_many hands a batch of network chunks to one writev instead of joining them first (a copy of every
+    uploaded byte on the event loop's thread)."""
+
     def __init__(self, store: "LocalStore", max_bytes: int | None):
         self.store = store
         self.max_bytes = max_bytes
         self.size = 0
         self._hash = hashlib.sha256()
-        fd, self._tmp = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        self._fd: int | None
+        self._fd, self._tmp = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
 
     def write(self, chunk: bytes) -> None:
-        if self._file is None:
+        self.write_many([chunk])
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        if self._fd is None:
             raise RuntimeError("writer is closed")
-        self.size += len(chunk)
+        self.size += sum(len(c) for c in chunks)
         if self.max_bytes is not None and self.size > self.max_bytes:
             self.abort()
             raise PayloadTooLarge(self.max_bytes)
-        self._hash.update(chunk)
+        for chunk in chunks:
+            self._hash.update(chunk)
         try:
-            self._file.write(chunk)
+            _writev_all(self._fd, chunks)
         except OSError as e:
             self.abort()
             raise _map_no_space(e) from None
 
     def commit(self) -> StoredObject:
-        if self._file is None:
+        if self._fd is None:
             raise RuntimeError("writer is closed")
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            # mkstemp made the file 0600; stored objects get the usual mode (umask applies) so that a proxy
+            # serving the store read-only (X-Accel-Redirect, deploy/nginx.conf) can read them.
+            os.fchmod(self._fd, 0o666 & ~_UMASK)
+            os.fsync(self._fd)
         except OSError as e:
             self.abort()
             raise _map_no_space(e) from None
-        self._file.close()
-        self._file = None
+        os.close(self._fd)
+        self._fd = None
         digest = self._hash.hexdigest()
         key = content_key(digest)
         final = self.store.path_for(key)
@@ -183,16 +195,39 @@ class _LocalWriter:
         return StoredObject(key=key, sha256=digest, size=self.size)
 
     def abort(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:  # a failed flush of buffered bytes (the disk is full): the file goes anyway
-                pass
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         try:
             os.unlink(self._tmp)
         except FileNotFoundError:
             pass
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def _writev_all(fd: int, chunks: list[bytes]) -> None:
+    """writev, resumed after short writes (a regular file may take fewer bytes, e.g. near a full disk)."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        if written == 0:
+            raise OSError(28, "no space left on device")
+        while batch and written >= len(batch[0]):
+            written -= len(batch[0])
+            batch.pop(0)
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 class LocalStore(_StoreHelpers):
@@ -290,6 +325,10 @@ class _S3Writer:
         while len(self._buf) >= S3_PART_SIZE:
             self._flush_part(bytes(self._buf[:S3_PART_SIZE]))
             del self._buf[:S3_PART_SIZE]
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
 
     def _flush_part(self, data: bytes) -> None:
         client, bucket = self.store.client, self.store.bucket

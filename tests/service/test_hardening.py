@@ -237,8 +237,8 @@ def test_stored_bytes_quota(server_factory, make_key):
 def test_row9_enospc_is_507_not_500(tmp_path: Path):
     store = LocalStore(tmp_path / "store")
     writer = store.open_writer()
-    writer._file.close()
-    writer._file = open("/dev/full", "wb", buffering=0)  # the kernel answers every write with ENOSPC
+    os.close(writer._fd)
+    writer._fd = os.open("/dev/full", os.O_WRONLY)  # the kernel answers every write with ENOSPC
     with pytest.raises(InsufficientStorage) as e:
         writer.write(b"x" * 1024)
     assert (e.value.http_status, e.value.code) == (507, "insufficient_storage")
