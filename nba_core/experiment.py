@@ -71,8 +71,15 @@ def default_spec(dataset: str, arch: str) -> ModelSpec:
                        "input_size": list(info["input_size"]), "mean": list(mean), "std": list(std)})
 
 
-def default_train_config(dataset: str, arch: str) -> TrainConfig:
-    """Settings that give a well-trained backdoored model (MNIST-5k + small_cnn: ~97-98% clean accuracy)."""
+# Hugging Face model types trained with AdamW instead of the CNNs' SGD recipe (see TrainConfig.optimizer).
+TRANSFORMER_MODEL_TYPES = frozenset({"vit", "deit", "swin", "swinv2", "beit", "dinov2", "convnext", "convnextv2"})
+
+
+def default_train_config(dataset: str, arch: str, hf_config: dict | None = None) -> TrainConfig:
+    """Settings that give a well-trained backdoored model (MNIST-5k + small_cnn: ~97-98% clean accuracy);
+    Hugging Face transformers get AdamW (lr 1e-3, weight decay 0.05) in place of SGD."""
+    if hf_config is not None and hf_config.get("model_type") in TRANSFORMER_MODEL_TYPES:
+        return replace(default_train_config(dataset, "hf"), optimizer="adamw", lr=1e-3, weight_decay=0.05)
     info = _info(dataset)
     hflip = bool(info["hflip"])
     shift = 1 if min(info["input_size"]) <= 8 else 2
@@ -130,7 +137,7 @@ def backdoor_experiment(dataset: str = "mnist5k", attack: str = "badnets", arch:
     else:
         atk = get_attack(attack, target=target, rate=poison_rate, seed=seed, all_to_all=all_to_all,
                          num_classes=spec.num_classes, **(attack_params or {}))
-    cfg = default_train_config(dataset, arch)
+    cfg = default_train_config(dataset, arch, hf_config)
     if epochs is not None:
         cfg = replace(cfg, epochs=int(epochs))
 
