@@ -6,6 +6,7 @@ Free of Celery so it can be tested and reused directly; worker/tasks.py wraps it
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from app.core.settings import Settings
-from app.core.storage import ArtifactStore
+from app.core.storage import INSUFFICIENT_STORAGE, ArtifactStore
 from nba_core.errors import (CHECKPOINT_UNREADABLE, DATA_UNREADABLE, INTERNAL_ERROR, INVALID_PARAMS, SPEC_INVALID,
                              TIME_LIMIT_EXCEEDED, Cancelled, NBAError)
 
@@ -115,6 +116,22 @@ def store_outputs(store: ArtifactStore, report: dict, *, out_path: Path | None, 
             html_art)
 
 
+# How writers report a full disk when they do not raise OSError: safetensors' Rust writer and torch's zip writer
+# carry the OS message in their own exception types.
+_NO_SPACE_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
+
+
+def disk_failure(e: BaseException) -> tuple[str, str] | None:
+    """A full disk or quota on the worker (its scratch folder or the artifact store) is the operator's condition,
+    not a bug: the job fails with `insufficient_storage` and says so, instead of `internal_error`."""
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        text in str(e) for text in _NO_SPACE_TEXT)
+    if full:
+        return (INSUFFICIENT_STORAGE, "the worker ran out of disk space while running or storing the job; "
+                                      "retry later (the operator has to free space)")
+    return None
+
+
 def run_job(job_id: str, *, settings: Settings, session_factory: SessionFactory, store: ArtifactStore,
             worker: str | None = None, timeout_exceptions: tuple[type[BaseException], ...] = ()) -> str:
     """Run `job_id` if it can be claimed. Returns the outcome: succeeded/failed/cancelled/lost, or a claim outcome
@@ -204,7 +221,11 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
         return fail(e.code, e.message)
     except timeout_exceptions:
         return fail(TIME_LIMIT_EXCEEDED, f"the job ran longer than {settings.job_soft_time_limit} s")
-    except Exception:
+    except Exception as e:
+        known = disk_failure(e)
+        if known is not None:
+            log.error("job %s: %s (%s)", claim.job_id, known[1], e)
+            return fail(*known)
         log.exception("job %s failed with an unexpected error", claim.job_id)
         return fail(INTERNAL_ERROR, "an internal error stopped the job; the operator can find details in the "
                                     "worker log")
