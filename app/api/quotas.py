@@ -75,10 +75,15 @@ class Quotas:
 
     # ----------------------------------------------------------------------------------------- active jobs
     def lock_owner(self, session: Session, owner_id: str) -> None:
-        """Serialise quota checks of one owner until the transaction ends (Postgres; SQLite writes are serial)."""
-        if session.get_bind().dialect.name == "postgresql":
+        """Serialise quota checks of one owner until the transaction ends. Postgres: a transaction advisory lock
+        per owner. SQLite: a no-op write to the owner's row takes the database's write lock now, before the count
+        (a plain SELECT would run unlocked and two requests could both count 9 and both insert the 10th)."""
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"),
                             {"k": 0x4E424100_00000000 + zlib.crc32(owner_id.encode())})
+        elif dialect == "sqlite":
+            session.execute(text("UPDATE owners SET name = name WHERE id = :id"), {"id": owner_id})
 
     def check_active_jobs(self, session: Session, owner_id: str) -> None:
         limit = self.settings.quota_active_jobs
