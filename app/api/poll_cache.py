@@ -6,7 +6,8 @@ process keeps the last answer per job (and the owner behind each key hash) and a
 arrives only after the writing transaction committed, so:
 
 - a hit is never older than the last notification this process received (milliseconds after the commit);
-- a fill races a change: it stores only if no notification for that job arrived since its read began (`ticket`);
+- a fill races a change: it stores only if no notification for that job or that key arrived since its read began
+  (`ticket`), so neither an old job state nor a key revoked meanwhile is kept;
 - while the LISTEN connection is down nothing is cached or served from cache (every poll goes to Postgres), and
   a reconnect starts from an empty cache, since notifications sent meanwhile are lost.
 
@@ -58,8 +59,8 @@ class PollCache:
         self._jobs: OrderedDict[str, CachedJob] = OrderedDict()
         self._keys: OrderedDict[str, CachedKey] = OrderedDict()
         self._live = False
-        # Notification sequence: `_changed[job]` is the sequence number of the job's last notification, and
-        # `_floor` covers every job whose number was forgotten (LRU) or lost (reconnect).
+        # Notification sequence: `_changed["<table>:<id>"]` is the sequence number of that row's last
+        # notification, and `_floor` covers every row whose number was forgotten (LRU) or lost (reconnect).
         self._seq = 0
         self._floor = 0
         self._changed: OrderedDict[str, int] = OrderedDict()
@@ -97,8 +98,9 @@ class PollCache:
             return False
         now = time.monotonic()
         with self._lock:
-            if not self._live or ticket < self._floor or self._changed.get(job_id, -1) > ticket:
-                return False
+            if (not self._live or ticket < self._floor or self._changed.get(f"jobs:{job_id}", -1) > ticket
+                    or self._changed.get(f"api_keys:{key_id}", -1) > ticket):
+                return False  # the job changed or the key was revoked while the row was being read
             self._keys[digest] = CachedKey(key_id, owner_id, now + self.key_ttl_s)
             self._keys.move_to_end(digest)
             self._jobs[job_id] = CachedJob(owner_id, body, now + self.job_ttl_s)
@@ -115,13 +117,13 @@ class PollCache:
         table, _, ident = payload.partition(":")
         with self._lock:
             self._seq += 1
+            self._changed[payload] = self._seq
+            self._changed.move_to_end(payload)
+            while len(self._changed) > 4 * self.max_jobs:
+                _, seq = self._changed.popitem(last=False)
+                self._floor = max(self._floor, seq)
             if table == "jobs":
                 self._jobs.pop(ident, None)
-                self._changed[ident] = self._seq
-                self._changed.move_to_end(ident)
-                while len(self._changed) > 4 * self.max_jobs:
-                    _, seq = self._changed.popitem(last=False)
-                    self._floor = max(self._floor, seq)
             elif table == "api_keys":
                 for digest in [d for d, k in self._keys.items() if k.key_id == ident]:
                     del self._keys[digest]

@@ -51,6 +51,15 @@ def test_a_change_during_the_read_refuses_the_fill() -> None:
     assert cache.lookup("digest", "j1") is None
 
 
+def test_a_key_revoked_during_the_read_is_not_kept() -> None:
+    cache = PollCache(key_ttl_s=60)
+    cache.set_live(True)
+    ticket = cache.ticket()
+    cache.changed("api_keys:k1")
+    assert not cache.store(ticket, "digest", "k1", "o1", "j1", b"{}")
+    assert cache.lookup("digest", "j1") is None
+
+
 def test_key_changes_and_artifact_changes_drop_entries() -> None:
     cache = PollCache(key_ttl_s=60)
     cache.set_live(True)
