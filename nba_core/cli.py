@@ -111,12 +111,10 @@ def cmd_sanitize(args) -> int:
                   evidence=not args.no_evidence)
     try:
         if args.spec is None and is_hf_model_path(args.model):
-            if args.eval_data or args.crossfit:
-                raise NBAError(INVALID_PARAMS, "--eval-data and --crossfit are not yet supported for Hugging Face "
-                               "models")
             report = sanitize_hf(model_path=args.model, input_size=tuple(args.input_size) if args.input_size
                                  else None, mean=_floats(args.mean), std=_floats(args.std),
-                                 allow_low_accuracy=args.allow_low_accuracy, **common)
+                                 allow_low_accuracy=args.allow_low_accuracy, eval_path=args.eval_data,
+                                 crossfit=args.crossfit, **common)
         else:  # spec None: the one a .safetensors written by nba carries (a clear error otherwise)
             report = sanitize(model_path=args.model, spec=args.spec, eval_path=args.eval_data,
                               crossfit=args.crossfit, class_names=_class_list(args.classes),

@@ -73,8 +73,10 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
                 should_cancel: Callable[[], bool] | None = None, evidence: bool = True,
                 input_size: tuple[int, int] | None = None, mean=None, std=None, layers=None,
                 out_zip: str | None = None, on_before: Callable[[dict], None] | None = None,
-                allow_low_accuracy: bool = False) -> dict:
-    """Like `pipeline.sanitize` for an HF folder/zip; `out_path` is the output folder (and `out_zip` a zip of it)."""
+                allow_low_accuracy: bool = False, eval_path: str | None = None, crossfit: int = 0) -> dict:
+    """Like `pipeline.sanitize` for an HF folder/zip; `out_path` is the output folder (and `out_zip` a zip of it).
+    `eval_path`: a separate labelled clean set for clean accuracy (resized to the model's input like the data);
+    `crossfit` = K ≥ 2: the K-fold estimate of the clean-accuracy change (K more defense runs)."""
     from .models.hf import load_hf_model, save_hf_model
     from .pipeline import write_json_atomic, sanitize_loaded
     from .train import no_progress
@@ -100,11 +102,14 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
         probe_resized = None
         if probe_path:
             probe, probe_resized = _load_data(probe_path, info.num_labels, info.num_channels, model.spec.input_size)
+        eval_set = eval_resized = None
+        if eval_path:
+            eval_set, eval_resized = _load_data(eval_path, info.num_labels, info.num_channels, model.spec.input_size)
         outcome = sanitize_loaded(model.module, data, spec=model.spec, method=method, params=params, probe=probe,
                                   probe_target=probe_target, device=device, seed=seed,
                                   holdout_fraction=holdout_fraction, progress=progress,
                                   should_cancel=should_cancel, evidence=evidence, on_before=on_before,
-                                  allow_low_accuracy=allow_low_accuracy)
+                                  allow_low_accuracy=allow_low_accuracy, eval_set=eval_set, crossfit=crossfit)
         progress("save", 0.99)
         saved = save_hf_model(model, outcome.model, out_path)
     report = outcome.report
@@ -113,6 +118,8 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
     report["data"]["resized_from"] = resized_from  # None: the images already had the model's input size
     if probe is not None:
         report["data"]["probe_resized_from"] = probe_resized
+    if eval_set is not None:
+        report["data"]["eval_resized_from"] = eval_resized
     output = {"path": str(out_path), "sha256": saved["sha256"], "format": "hf"}
     if out_zip:
         pack_hf_zip(out_path, out_zip)

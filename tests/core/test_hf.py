@@ -219,6 +219,21 @@ def hf_resnet(tmp_path_factory):
     return backdoored_hf_digits(TINY_RESNET, tmp_path_factory.mktemp("hf-resnet"), epochs=20)
 
 
+def test_cli_eval_data_and_crossfit_work_on_an_hf_model(hf_resnet, tmp_path, capsys):
+    from nba_core.cli import main
+
+    code = main(["sanitize", "--model", str(hf_resnet["folder"]), "--data", str(hf_resnet["clean"]), "--method",
+                 "ft", "--param", "epochs=1", "--eval-data", str(hf_resnet["test"]), "--crossfit", "2",
+                 "--no-evidence", "--quiet", "--json", "--out", str(tmp_path / "out"), "--report",
+                 str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metrics"]["before"]["clean_accuracy_on"] == "eval_set"
+    assert report["metrics"]["before"]["holdout_size"] == 359  # the digits test split, not the clean subset
+    assert report["data"]["eval_resized_from"] is None
+    assert report["crossfit"]["k"] == 2 and len(report["crossfit"]["folds"]) == 2
+
+
 def test_cli_sanitizes_an_hf_zip_without_spec_and_removes_the_backdoor(hf_resnet, tmp_path, capsys):
     from transformers import AutoModelForImageClassification
 
