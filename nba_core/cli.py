@@ -170,8 +170,16 @@ def cmd_scan(args) -> int:
 
     bar = ProgressBar(not args.quiet)
     try:
-        report = scan(model_path=args.model, spec=args.spec, data_path=args.data, report_path=args.report,
-                      device=args.device, seed=args.seed, progress=bar)
+        common = dict(model_path=args.model, data_path=args.data, report_path=args.report, device=args.device,
+                      seed=args.seed, progress=bar)
+        from .hf_pipeline import is_hf_model_path
+
+        if args.spec is None and is_hf_model_path(args.model):
+            from .hf_pipeline import scan_hf
+
+            report = scan_hf(**common)
+        else:
+            report = scan(spec=args.spec, **common)
     finally:
         bar.close()
     before = report["verdict"]["before"]
@@ -359,8 +367,10 @@ def build_parser(extra_groups=()) -> argparse.ArgumentParser:
 
     c = sub.add_parser("scan", help="detect only: is this model suspected of a backdoor? (trigger-free verdict; "
                                     "exit code 5 when suspected)")
-    c.add_argument("--model", required=True, help="suspect model: .safetensors, or a .pt state_dict")
-    c.add_argument("--spec", required=True, help="model spec JSON")
+    c.add_argument("--model", required=True, help="suspect model: .safetensors, a .pt state_dict, or a Hugging Face "
+                                                  "folder or zip (config.json + weights)")
+    c.add_argument("--spec", help="model spec JSON (default: the one the .safetensors carries; not needed for a "
+                                  "Hugging Face folder)")
     c.add_argument("--data", required=True, help="clean labelled images: .npz (x, y) or zip/tar of class folders")
     c.add_argument("--report", help="where to write the JSON report")
     c.add_argument("--seed", type=int, default=0)

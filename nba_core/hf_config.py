@@ -362,7 +362,7 @@ def applicable_methods(info: HFConfigInfo | dict) -> dict[str, str | None]:
     out: dict[str, str | None] = {m: None for m in ("ft", "fp", "nad", "anp", "ibau", "nba")}
     # Refused rather than risked in the worker until they have been run on HF models (they are newer here).
     out["sau"] = out["ftsam"] = "not yet validated on Hugging Face models"
-    out["scan"] = "detect-only scan jobs do not yet take Hugging Face models (a sanitizing job's report has the verdict)"
+    out["scan"] = None  # the verdict only scans inputs and reads logits: any classifier
     if norm != "batchnorm":
         out["anp"] = f"ANP masks BatchNorm neurons; a {model_type} model normalises with LayerNorm"
     if model_type not in ("resnet", "regnet", "mobilenet_v2", "efficientnet"):

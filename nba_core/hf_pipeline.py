@@ -133,5 +133,37 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
     return report
 
 
-__all__ = ["sanitize_hf", "is_hf_model_path", "applicable_methods", "check_method_applies", "fit_to_input",
+def scan_hf(*, model_path: str, data_path: str, report_path: str | None = None, device: str = "auto", seed: int = 0,
+            progress: Callable[[str, float], None] | None = None, should_cancel: Callable[[], bool] | None = None,
+            input_size: tuple[int, int] | None = None, mean=None, std=None, layers=None) -> dict:
+    """Detect only, for an HF folder/zip: `pipeline.scan`'s verdict (the clean set resized to the model's input)."""
+    from .models.hf import load_hf_model
+    from .pipeline import scan_loaded, write_json_atomic
+    from .train import no_progress
+
+    t_start = time.perf_counter()
+    progress = progress or no_progress
+    checked = check_hf_path(model_path, input_size=input_size)  # configs and weights header, nothing built
+    info = checked.info
+    progress("load", 0.0)
+    fixed = info.image_size or (tuple(input_size) if input_size else None) or (
+        tuple(checked.preprocessor["input_size"]) if checked.preprocessor and checked.preprocessor["input_size"]
+        else None)
+    data, resized_from = _load_data(data_path, info.num_labels, info.num_channels, fixed)
+    with tempfile.TemporaryDirectory(prefix="nba-hf-") as work:
+        model = load_hf_model(model_path, input_size=input_size, mean=mean, std=std, layers=layers,
+                              default_input_size=fixed or tuple(data.shape[1:]), workdir=work)
+        report = scan_loaded(model.module, data, spec=model.spec, device=device, seed=seed, progress=progress,
+                             should_cancel=should_cancel)
+    report["model"] = model.describe()
+    report["data"] |= {"input_size": list(model.spec.input_size), "resized_from": resized_from}
+    report["timing"]["total_seconds"] = time.perf_counter() - t_start
+    report = json.loads(json.dumps(report, default=str))
+    if report_path:
+        write_json_atomic(report_path, report)
+    progress("done", 1.0)
+    return report
+
+
+__all__ = ["sanitize_hf", "scan_hf", "is_hf_model_path", "applicable_methods", "check_method_applies", "fit_to_input",
            "DEFENSE_NOT_APPLICABLE"]

@@ -357,18 +357,33 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     return SanitizeOutcome(model=result.model, report=report)
 
 
-def scan(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, report_path: str | None = None,
+def scan(*, model_path: str, spec: ModelSpec | dict | str | None, data_path: str, report_path: str | None = None,
          device: str = "auto", seed: int = 0, progress: Callable[[str, float], None] | None = None,
          should_cancel: Callable[[], bool] | None = None) -> dict:
     """Detect only: the trigger-free verdict of the model at `model_path` on the clean set at `data_path`
     (`verdict.before`; there is no `after`). The benign reference trains on all of the clean set."""
     t_start = time.perf_counter()
     progress = progress or no_progress
-    spec = resolve_spec(spec)
+    spec = resolve_spec(spec, model_path)
     shape = (spec.in_channels, *spec.input_size)
     progress("load", 0.0)
     model = load_model(model_path, spec)
     data = load_dataset_file(data_path, num_classes=spec.num_classes, expect_shape=shape)
+    report = scan_loaded(model, data, spec=spec, device=device, seed=seed, progress=progress,
+                         should_cancel=should_cancel)
+    report["timing"]["total_seconds"] = time.perf_counter() - t_start
+    if report_path:
+        write_json_atomic(report_path, report)
+    progress("done", 1.0)
+    return report
+
+
+def scan_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, device: str = "auto", seed: int = 0,
+                progress: Callable[[str, float], None] | None = None,
+                should_cancel: Callable[[], bool] | None = None) -> dict:
+    """The in-memory core of `scan` (any model taking pixels in [0, 1] with `spec`'s geometry): the report dict."""
+    t_start = time.perf_counter()
+    progress = progress or no_progress
     seed_everything(seed)
     dev = pick_device(device)
     model = prepare_model(model, dev)
@@ -393,8 +408,4 @@ def scan(*, model_path: str, spec: ModelSpec | dict | str, data_path: str, repor
         "timing": {"total_seconds": time.perf_counter() - t_start},
     }
     report["warnings"] = []
-    report = json.loads(json.dumps(report, default=_json_default))
-    if report_path:
-        write_json_atomic(report_path, report)
-    progress("done", 1.0)
-    return report
+    return json.loads(json.dumps(report, default=_json_default))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.core.settings import Settings
 from app.core.storage import INSUFFICIENT_STORAGE, ArtifactStore
-from nba_core.errors import (CHECKPOINT_UNREADABLE, DATA_UNREADABLE, INTERNAL_ERROR, INVALID_PARAMS, SPEC_INVALID,
+from nba_core.errors import (CHECKPOINT_UNREADABLE, DATA_UNREADABLE, INTERNAL_ERROR, SPEC_INVALID,
                              TIME_LIMIT_EXCEEDED, Cancelled, NBAError)
 
 from . import jobstate
@@ -176,13 +176,16 @@ def _run_claimed(claim: Claim, *, settings: Settings, session_factory: SessionFa
                        progress=monitor.progress, should_cancel=monitor.should_cancel, on_before=on_before,
                        allow_low_accuracy=bool(claim.options.get("allow_low_accuracy")))
             if claim.method == "scan":
+                scan_args = dict(model_path=inputs["model"], data_path=inputs["data"], device=settings.device,
+                                 seed=int((claim.params or {}).get("seed", 0)), progress=monitor.progress,
+                                 should_cancel=monitor.should_cancel)
                 if hf_zip:
-                    raise NBAError(INVALID_PARAMS, "scan jobs do not yet take Hugging Face models; run nba with "
-                                   "a sanitizing method (its report carries the verdict)")
+                    from nba_core.hf_pipeline import scan_hf
+
+                    report = scan_hf(**scan_args)
+                else:
+                    report = scan(spec=inputs["spec"], **scan_args)
                 out_path, hf_zip = None, False
-                report = scan(model_path=inputs["model"], spec=inputs["spec"], data_path=inputs["data"],
-                              device=settings.device, seed=int((claim.params or {}).get("seed", 0)),
-                              progress=monitor.progress, should_cancel=monitor.should_cancel)
             elif hf_zip:  # a Hugging Face folder zip in, the same layout zipped out
                 from nba_core.checkpoint import sha256_file
                 from nba_core.hf_pipeline import sanitize_hf

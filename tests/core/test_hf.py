@@ -192,7 +192,8 @@ def test_which_defenses_apply_is_decided_from_the_config():
     resnet = applicable_methods(check_hf_config(TINY_RESNET))
     assert vit["anp"] and vit["fp"] and not vit["nba"] and not vit["nad"]
     assert all(resnet[m] is None for m in ("ft", "fp", "nad", "anp", "ibau", "nba"))
-    assert resnet["sau"] and resnet["ftsam"] and resnet["scan"]  # refused with a reason until validated on HF
+    assert resnet["sau"] and resnet["ftsam"]  # refused with a reason until validated on HF
+    assert resnet["scan"] is None and vit["scan"] is None  # the verdict needs only inputs and logits
 
 
 @pytest.mark.parametrize("model_type", ["resnet", "regnet", "mobilenet_v2", "efficientnet"])
@@ -217,6 +218,22 @@ def test_fine_pruning_bakes_into_every_family_it_is_allowed_for(model_type, tmp_
 @pytest.fixture(scope="module")
 def hf_resnet(tmp_path_factory):
     return backdoored_hf_digits(TINY_RESNET, tmp_path_factory.mktemp("hf-resnet"), epochs=20)
+
+
+def test_cli_scan_takes_an_hf_zip_without_spec(hf_resnet, tmp_path, capsys):
+    from nba_core.cli import EXIT_SUSPECTED, main
+
+    code = main(["scan", "--model", str(hf_resnet["zip"]), "--data", str(hf_resnet["clean"]), "--quiet", "--json",
+                 "--report", str(tmp_path / "scan.json")])
+    report = json.loads((tmp_path / "scan.json").read_text())
+    before = report["verdict"]["before"]
+    # The mechanics (this 8x8 fixture's backdoor is weak, ASR ~0.6: its score sits near the threshold, so the
+    # status may honestly be inconclusive): a verdict of the three kinds, the exit code following it.
+    assert before["status"] in ("suspected", "not_suspected", "inconclusive")
+    assert code == (EXIT_SUSPECTED if before["status"] == "suspected" else 0)
+    assert before["score"] > 0.5 and before["images"] == len(np.load(hf_resnet["clean"])["y"])
+    assert report["model"]["model_type"] == "resnet" and report["verdict"]["after"] is None
+    assert report["data"]["input_size"] == [8, 8]
 
 
 def test_cli_eval_data_and_crossfit_work_on_an_hf_model(hf_resnet, tmp_path, capsys):

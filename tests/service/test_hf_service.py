@@ -125,3 +125,16 @@ def test_a_defense_that_cannot_apply_is_refused_at_job_creation(client, tmp_path
     assert e.value.code == "defense_not_applicable" and e.value.status == 422
     job = client.create_job(model["id"], data["id"], "nad", {"teacher_epochs": 1, "epochs": 1})
     assert job["status"] in ("queued", "running")
+
+
+def test_a_scan_job_takes_an_hf_zip(client, celery_worker, hf_files):
+    """Detect-only over REST for a Hugging Face model: a verdict, no cleaned model."""
+    model = client.upload_model(hf_files["zip"])
+    data = client.upload_dataset(hf_files["clean"])
+    job = client.create_job(model["id"], data["id"], "scan", {})
+    done = client.wait(job["id"], poll=0.3, timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["verdict"]["before"]["status"] in ("suspected", "not_suspected", "inconclusive")
+    assert done["result"] is None
+    report = client.get_report(job["id"])
+    assert report["kind"] == "nba-scan-report" and report["model"]["model_type"] == "resnet"
