@@ -359,10 +359,9 @@ def applicable_methods(info: HFConfigInfo | dict) -> dict[str, str | None]:
     channels, so a pruned channel cannot be expressed in the same weights."""
     norm = info.norm if isinstance(info, HFConfigInfo) else info.get("norm")
     model_type = info.model_type if isinstance(info, HFConfigInfo) else info.get("model_type")
-    out: dict[str, str | None] = {m: None for m in ("ft", "fp", "nad", "anp", "ibau", "nba")}
-    # Refused rather than risked in the worker until they have been run on HF models (they are newer here).
-    out["sau"] = out["ftsam"] = "not yet validated on Hugging Face models"
-    out["scan"] = None  # the verdict only scans inputs and reads logits: any classifier
+    # SAU and FT-SAM perturb inputs and weights of any differentiable classifier; the verdict (scan) only scans
+    # inputs and reads logits: all three apply to every family.
+    out: dict[str, str | None] = {m: None for m in ("ft", "fp", "nad", "anp", "ibau", "nba", "sau", "ftsam", "scan")}
     if norm != "batchnorm":
         out["anp"] = f"ANP masks BatchNorm neurons; a {model_type} model normalises with LayerNorm"
     if model_type not in ("resnet", "regnet", "mobilenet_v2", "efficientnet"):
