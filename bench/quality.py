@@ -1,7 +1,8 @@
 """The attack × defense quality table (NBA.md §4): one row per (dataset, arch, attack, defense, seed).
 
 Every defense sees the same backdoored model and the same clean subset (5% of the clean training set) and trains on
-all of it, as the CLI and the service do by default; metrics are measured on the held-out test set. A defense is
+all of it, as the CLI and the service do by default; NBA also gets the trigger-free before-verdict its suspects come
+from, as in the CLI and the service, and its rows' time includes that verdict; metrics are measured on the held-out test set. A defense is
 named `method` or `method:preset` (e.g. `nba:paper`, `ibau:authors`) and runs with its defaults: nothing is tuned. Units (dataset, arch, attack, seed) run in parallel processes, one torch thread
 each, which is the fastest layout for small nets on a 2-core machine.
 """
@@ -136,6 +137,17 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
     before = evaluate_with_trigger(run.model, test.x, test.y, trig.x, trig.y, target)
     rows = []
     skipped = not_applicable(arch)
+    # NBA takes its suspects from the trigger-free verdict, as in the CLI and the service (pipeline.sanitize hands
+    # the before-verdict over): computed once per unit, its time added to every NBA row (other defenses ignore it).
+    verdict, verdict_seconds = None, 0.0
+    if any(defense_params(d)[0] == "nba" for d in defenses if d not in skipped):
+        from nba_core.verdict import VerdictSession
+
+        t0 = time.perf_counter()
+        session = VerdictSession(run.model, run.clean_subset.x, run.clean_subset.y,
+                                 num_classes=run.spec.num_classes, seed=seed, hflip=run.spec.in_channels == 3)
+        verdict = session.judge(run.model)
+        verdict_seconds = time.perf_counter() - t0
     for name in defenses:
         if name in skipped:
             continue
@@ -147,13 +159,17 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
             after, seconds, stages = before, 0.0, {}
         else:
             dev = pick_device(device)
-            ctx = DefenseContext(spec=run.spec, device=dev, generator=seed_everything(seed), seed=seed,
-                                 hflip=run.spec.in_channels == 3)
-            t1 = time.perf_counter()
             method, params = defense_params(name)
+            uses_verdict = method == "nba"
+            ctx = DefenseContext(spec=run.spec, device=dev, generator=seed_everything(seed), seed=seed,
+                                 hflip=run.spec.in_channels == 3, verdict=verdict if uses_verdict else None)
+            t1 = time.perf_counter()
             result = get_defense(method, params).run(run.model, run.clean_subset, ctx)
             seconds = time.perf_counter() - t1
             stages = result.stage_seconds
+            if uses_verdict:
+                seconds += verdict_seconds
+                stages = {"verdict": verdict_seconds, **stages}
             after = evaluate_with_trigger(result.model, test.x, test.y, trig.x, trig.y, target)
         rows.append(base | {
             "ca_after": after["clean_accuracy"], "asr_after": after["attack_success_rate"],

@@ -67,7 +67,8 @@ def quality_markdown(rows: list[dict], prov: dict) -> str:
              "", "Protocol: all-to-one (target 0), 10% poisoning, defender's clean subset = 5% of the clean training "
              "set; CA on the clean test set, ASR/RA on non-target test images with the trigger; "
              "DER = (max(0, ΔASR) − max(0, ΔCA) + 1) / 2. Every defense trains on all of the clean subset, as the CLI "
-             "and the service do by default.", "",
+             "and the service do by default. NBA rows (both forms) get the trigger-free before-verdict their pseudo "
+             "samples come from, as the CLI and the service hand it over; their time includes it.", "",
              "Tuning: every row runs its defaults, untuned for this table (baselines: their authors' values, "
              "`docs/baselines.md`; `method:preset` rows: a named preset). NBA's default preset was chosen earlier on "
              "MNIST-5k tuning seeds 10–11, kept apart from the reported seeds; no baseline received such tuning, which "
