@@ -32,7 +32,7 @@ FORM_OVERHEAD = 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024
 SMALL_FIELD_BYTES = 64 * 1024
 # File bytes are collected to this size before one thread hop writes (and hashes) them: a hop per 64 KiB
-# network chunk cost more than the disk write itself.
+# network chunk cost more than the disk write itself. Two such buffers per upload.
 WRITE_BATCH = 4 * 1024 * 1024
 
 
@@ -49,9 +49,13 @@ class StoreTarget(BaseTarget):
         self.max_bytes = max_bytes
         self.sniff = sniff
         self.writer: StreamWriter | None = None
-        self.pending: list[bytes] = []
+        # Two batch buffers: the event loop copies network chunks into one while a thread hashes and writes the
+        # other. One big hash/write call per batch matters: a thread that re-takes the GIL per 64 KiB chunk waits
+        # for the busy event loop each time (up to the 5 ms switch interval), which stalled the whole upload.
+        self.buffers = (bytearray(WRITE_BATCH), bytearray(WRITE_BATCH))
+        self.current = 0
+        self.filled = 0
         self.inflight: asyncio.Future | None = None
-        self.pending_bytes = 0
         self.head = bytearray()
         self.format: str | None = None
         self.parts = 0
@@ -72,21 +76,26 @@ class StoreTarget(BaseTarget):
             self.head += chunk[: self.sniff_bytes - len(self.head)]
             if len(self.head) >= self.sniff_bytes:
                 self.format = self.sniff(bytes(self.head))  # raises NBAError for unsupported formats
-        self.pending.append(chunk)
-        self.pending_bytes += len(chunk)
-        if self.pending_bytes >= WRITE_BATCH:
-            await self._flush()
+        view = memoryview(chunk)
+        while view:
+            buf = self.buffers[self.current]
+            n = min(len(view), WRITE_BATCH - self.filled)
+            buf[self.filled:self.filled + n] = view[:n]
+            self.filled += n
+            view = view[n:]
+            if self.filled == WRITE_BATCH:
+                await self._flush()
 
     async def _flush(self) -> None:
-        """Hand the collected bytes to a thread that hashes and writes them, and go on parsing meanwhile (the
-        thread releases the GIL in sha256 and write): one batch in flight at a time keeps the writes in order."""
+        """Hand the filled buffer to a thread that hashes and writes it (releasing the GIL for the whole batch), and
+        go on filling the other one: one batch in flight at a time keeps the writes in order."""
         assert self.writer is not None
-        if not self.pending:
+        if not self.filled:
             return
-        batch = self.pending  # handed over as it is: the writer hashes and writev()s the chunks, no join
-        self.pending, self.pending_bytes = [], 0
-        await self.wait_written()
-        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.write_many, batch)
+        batch = memoryview(self.buffers[self.current])[:self.filled]
+        await self.wait_written()  # the other buffer's write is done: it can be filled again
+        self.inflight = asyncio.get_running_loop().run_in_executor(None, self.writer.write, batch)
+        self.current, self.filled = 1 - self.current, 0
 
     async def wait_written(self) -> None:
         """Wait for the batch in flight (its error, e.g. the size cap or a full disk, is raised here)."""
