@@ -333,17 +333,25 @@ DOWNLOAD_PATHS = {"direct": "uvicorn streams the file (no proxy)",
 STATIC_CEILING = "/_bench_static/"
 
 
+def nginx_artifacts_location(store_root: Path) -> str:
+    """deploy/nginx.conf's `location /_artifacts/ {...}` block, aliased to `store_root`: what deploys, runnable here."""
+    import re
+
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    match = re.search(r"location /_artifacts/ \{.*?\n        \}", conf, re.S)
+    if match is None:
+        raise RuntimeError("deploy/nginx.conf has no /_artifacts/ location")
+    return match.group(0).replace("alias /data/artifacts/;", f"alias {store_root}/;")
+
+
 def start_nginx(upstream: str, store_root: Path, folder: Path) -> tuple[Proc, str] | None:
     """nginx in front of `upstream` with deploy/nginx.conf's /_artifacts/ location (None without nginx)."""
     import getpass
-    import re
 
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if binary is None:
         return None
-    conf = (REPO / "deploy" / "nginx.conf").read_text()
-    location = re.search(r"location /_artifacts/ \{.*?\n        \}", conf, re.S).group(0)
-    location = location.replace("alias /data/artifacts/;", f"alias {store_root}/;")
+    location = nginx_artifacts_location(store_root)
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "nginx.conf").write_text(

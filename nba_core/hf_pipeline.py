@@ -66,6 +66,14 @@ def _load_data(path: str, num_classes: int, channels: int, size: tuple[int, int]
     return fit_to_input(data, channels, size)
 
 
+def _fixed_input_size(checked, input_size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The input size the model needs: its config's image size, else the caller's, else the preprocessor's
+    (None: any size, the data's own)."""
+    return checked.info.image_size or (tuple(input_size) if input_size else None) or (
+        tuple(checked.preprocessor["input_size"]) if checked.preprocessor and checked.preprocessor["input_size"]
+        else None)
+
+
 def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | None, out_path: str,
                 report_path: str | None = None, probe_path: str | None = None, probe_target: int | None = None,
                 device: str = "auto", seed: int = 0, holdout_fraction: float = 0.0,
@@ -90,9 +98,7 @@ def sanitize_hf(*, model_path: str, data_path: str, method: str, params: dict | 
     info = checked.info
     check_method_applies(method, info)
     progress("load", 0.0)
-    fixed = info.image_size or (tuple(input_size) if input_size else None) or (
-        tuple(checked.preprocessor["input_size"]) if checked.preprocessor and checked.preprocessor["input_size"]
-        else None)
+    fixed = _fixed_input_size(checked, input_size)
     data, resized_from = _load_data(data_path, info.num_labels, info.num_channels, fixed)
     size = fixed or tuple(data.shape[1:])
     with tempfile.TemporaryDirectory(prefix="nba-hf-") as work:
@@ -146,9 +152,7 @@ def scan_hf(*, model_path: str, data_path: str, report_path: str | None = None, 
     checked = check_hf_path(model_path, input_size=input_size)  # configs and weights header, nothing built
     info = checked.info
     progress("load", 0.0)
-    fixed = info.image_size or (tuple(input_size) if input_size else None) or (
-        tuple(checked.preprocessor["input_size"]) if checked.preprocessor and checked.preprocessor["input_size"]
-        else None)
+    fixed = _fixed_input_size(checked, input_size)
     data, resized_from = _load_data(data_path, info.num_labels, info.num_channels, fixed)
     with tempfile.TemporaryDirectory(prefix="nba-hf-") as work:
         model = load_hf_model(model_path, input_size=input_size, mean=mean, std=std, layers=layers,

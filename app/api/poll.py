@@ -51,10 +51,9 @@ def token_digest(token: str | None) -> str | None:
 
 def poll_row(session: Session, token: str | None, job_id: str) -> tuple[JobOut, str, str]:
     """`poll_job`, plus the key's id and the owner's id (what the poll cache keeps)."""
-    if (not token or not token.startswith(keys.KEY_PREFIX) or len(token) < keys.PREFIX_LEN
-            or len(token) > 200):
+    digest = token_digest(token)
+    if token is None or digest is None:
         raise NBAError(keys.UNAUTHORIZED, "missing, invalid or revoked API key", http_status=401)
-    digest = keys.hash_key(token)
     ident = job_id if len(job_id) <= 36 else ""
     for row in session.execute(_POLL, {"prefix": token[:keys.PREFIX_LEN], "job_id": ident}):
         if not hmac.compare_digest(row.k_hash, digest):

@@ -71,9 +71,8 @@ class PollCache:
     def live(self) -> bool:
         return self._live
 
-    def lookup(self, digest: str, job_id: str) -> bytes | None | bool:
-        """The cached body; False when the key is known but the job belongs to someone else or is unknown to
-        the cache (→ ask Postgres); None on any miss."""
+    def lookup(self, digest: str, job_id: str) -> bytes | None:
+        """The cached body for this key's owner, or None (→ ask Postgres)."""
         if not self._live:
             return None
         now = time.monotonic()

@@ -213,7 +213,7 @@ async def get_job(job_id: str, request: Request, state: ServiceState = Depends(g
     digest = token_digest(token) if cache is not None else None
     if digest is not None:
         body = cache.lookup(digest, job_id)
-        if body:
+        if body is not None:
             return Response(content=body, media_type="application/json")
     ticket = cache.ticket() if digest is not None else -1
     out, key_id, owner_id = await to_thread.run_sync(_poll_db, state, token, job_id)

@@ -66,8 +66,6 @@ class StreamWriter(Protocol):
 
     def write(self, chunk: bytes) -> None: ...
 
-    def write_many(self, chunks: list[bytes]) -> None: ...
-
     def commit(self) -> StoredObject: ...
 
     def abort(self) -> None: ...
@@ -143,9 +141,7 @@ class _StoreHelpers:
 
 
 class _LocalWriter:
-    """Writes straight to the file descriptor (no Python-level buffer): uploads arrive in MiB batches anyway, and
-    write_many hands a batch of network chunks to one writev instead of joining them first (a copy of every
-    uploaded byte on the event loop's thread)."""
+    """Writes straight to the file descriptor (no Python-level buffer): uploads arrive in 4 MiB batches already."""
 
     def __init__(self, store: "LocalStore", max_bytes: int | None):
         self.store = store
@@ -155,20 +151,21 @@ class _LocalWriter:
         self._fd: int | None
         self._fd, self._tmp = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
 
-    def write(self, chunk: bytes) -> None:
-        self.write_many([chunk])
-
-    def write_many(self, chunks: list[bytes]) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         if self._fd is None:
             raise RuntimeError("writer is closed")
-        self.size += sum(len(c) for c in chunks)
+        self.size += len(chunk)
         if self.max_bytes is not None and self.size > self.max_bytes:
             self.abort()
             raise PayloadTooLarge(self.max_bytes)
-        for chunk in chunks:
-            self._hash.update(chunk)
+        self._hash.update(chunk)
+        view = memoryview(chunk)
         try:
-            _writev_all(self._fd, chunks)
+            while view:  # a regular file may take fewer bytes than asked (e.g. near a full disk)
+                written = os.write(self._fd, view)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                view = view[written:]
         except OSError as e:
             self.abort()
             raise _map_no_space(e) from None
@@ -211,23 +208,6 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-
-
-def _writev_all(fd: int, chunks: list[bytes]) -> None:
-    """writev, resumed after short writes (a regular file may take fewer bytes, e.g. near a full disk)."""
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        batch = views[:_IOV_MAX]
-        written = os.writev(fd, batch)
-        if written == 0:
-            raise OSError(28, "no space left on device")
-        while batch and written >= len(batch[0]):
-            written -= len(batch[0])
-            batch.pop(0)
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
 
 
 class LocalStore(_StoreHelpers):
@@ -325,10 +305,6 @@ class _S3Writer:
         while len(self._buf) >= S3_PART_SIZE:
             self._flush_part(bytes(self._buf[:S3_PART_SIZE]))
             del self._buf[:S3_PART_SIZE]
-
-    def write_many(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.write(chunk)
 
     def _flush_part(self, data: bytes) -> None:
         client, bucket = self.store.client, self.store.bucket

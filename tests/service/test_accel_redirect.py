@@ -7,7 +7,6 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -16,18 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import REPO, free_port
+from bench.service_speed import nginx_artifacts_location
+
+from .conftest import free_port
 from .test_api_download import finished_job  # noqa: F401 - the fixture
 
 PREFIX = "/_artifacts/"
-
-
-def _artifacts_location() -> str:
-    """The `location /_artifacts/ {...}` block of the shipped config, so the test runs what deploys."""
-    conf = (REPO / "deploy" / "nginx.conf").read_text()
-    match = re.search(r"location /_artifacts/ \{.*?\n        \}", conf, re.S)
-    assert match, "deploy/nginx.conf has no /_artifacts/ location"
-    return match.group(0)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def nginx(accel_api, store, tmp_path_factory):
     assert os.path.exists(binary), "nginx is not installed (apt-get install nginx)"
     folder = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    location = _artifacts_location().replace("alias /data/artifacts/;", f"alias {store.root}/;")
+    location = nginx_artifacts_location(store.root)
     (folder / "nginx.conf").write_text(f"""
 daemon off;
 user {getpass.getuser()};

@@ -15,7 +15,7 @@ from app.api.poll_cache import APPLICATION_NAME, CHANNEL, PollCache
 from app.core import keys
 from app.core.models import Job
 
-from .conftest import PG_ADMIN
+from .conftest import PG_ADMIN, wait_for
 
 FRESH_WITHIN_S = 2.0
 
@@ -98,14 +98,8 @@ def _process(server) -> dict:
     return httpx.get(f"{server.url}/v1/_debug/process").json()
 
 
-def _wait(predicate, within: float = FRESH_WITHIN_S, step: float = 0.01):
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
+def _wait(predicate, within: float = FRESH_WITHIN_S):
+    return wait_for(predicate, within, interval=0.01, what="the change to reach the poll")
 
 
 @pytest.fixture()
