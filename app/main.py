@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse
 from fastapi_offline import FastAPIOffline
 
 from app.api import routes_artifacts, routes_health, routes_jobs, routes_reports
-from app.api.body_limits import BodyLimitMiddleware
+from app.api.body_limits import BENCH_SINK, STREAMED_UPLOADS, BodyLimitMiddleware
 from app.api.deps import ServiceState
 from app.api.errors import install_error_handlers
 from app.api.quotas import Quotas
@@ -79,8 +79,9 @@ def create_app(settings: Settings | None = None, *, enqueue: Callable[[str], Non
                                  enqueue=enqueue or celery_enqueuer(settings), quotas=Quotas(settings))
     install_error_handlers(app)
     # Outermost: body size and body stall limits act before routing, JSON parsing and authentication.
+    streamed = STREAMED_UPLOADS | ({BENCH_SINK} if settings.bench_endpoints else set())
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes,
-                       read_timeout=settings.body_read_timeout)
+                       read_timeout=settings.body_read_timeout, streamed=streamed)
     app.include_router(routes_health.router)
     app.include_router(routes_artifacts.router)
     app.include_router(routes_jobs.router)

@@ -23,6 +23,8 @@ REQUEST_TIMEOUT = "request_timeout"
 
 # Routes that stream their body themselves (multipart uploads of models and datasets).
 STREAMED_UPLOADS = frozenset({("POST", "/v1/models"), ("POST", "/v1/datasets"), ("POST", "/v1/probes")})
+# The upload benchmark's ceiling (NBA_BENCH_ENDPOINTS=1 only): reads a body as big as an upload and discards it.
+BENCH_SINK = ("POST", "/v1/_bench/sink")
 
 
 class _BodyRefused(HTTPException):
@@ -43,8 +45,10 @@ async def _send_error(send: Send, status: int, code: str, message: str) -> None:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, read_timeout: float):
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, read_timeout: float,
+                 streamed: frozenset[tuple[str, str]] = STREAMED_UPLOADS):
         self.app = app
+        self.streamed = streamed
         self.max_body_bytes = max_body_bytes
         self.read_timeout = read_timeout
 
@@ -52,7 +56,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        streamed = (scope["method"], scope["path"].rstrip("/")) in STREAMED_UPLOADS
+        streamed = (scope["method"], scope["path"].rstrip("/")) in self.streamed
         cap = math.inf if streamed else self.max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length":

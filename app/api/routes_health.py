@@ -9,7 +9,7 @@ import time
 from typing import Any, Callable
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select, text
 
@@ -86,6 +86,16 @@ def bench_select(job_id: str, state: ServiceState = Depends(get_state)) -> Respo
     with state.read_sessions() as session:
         status = session.execute(select(Job.status).where(Job.id == job_id)).scalar()
     return Response(content=json.dumps({"id": job_id, "status": status}), media_type="application/json")
+
+
+@bench_router.post("/v1/_bench/sink")
+async def bench_sink(request: Request) -> Response:
+    """Ceiling 3, for uploads: the same server stack reads the request body and throws it away (no parsing, no
+    hashing, no disk). An upload cannot be faster than this on the same machine."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+    return Response(content=json.dumps({"received": received}), media_type="application/json")
 
 
 _CONSTANT = b'{"status":"ok"}'

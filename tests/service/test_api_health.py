@@ -69,3 +69,15 @@ def test_api_process_never_imports_torch(api_server, http, uploaded) -> None:
     assert info["pid"] == api_server.pid
     assert info["torch_imported"] is False
     assert not [m for m in info["modules"] if m.split(".")[0] in ("torch", "matplotlib")]
+
+
+def test_upload_ceiling_endpoint_exists_only_for_the_benchmark(server_factory, api_server) -> None:
+    """bench.service_speed's upload ceiling reads a body bigger than the JSON cap and discards it; without
+    NBA_BENCH_ENDPOINTS the path is capped like any JSON route and not routed."""
+    body = bytes(3 * 1024 * 1024)
+    bench = server_factory(bench_endpoints="1", max_json_body_bytes=str(1024 * 1024))
+    r = httpx.post(f"{bench.url}/v1/_bench/sink", content=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"received": len(body)}
+    plain = httpx.post(f"{api_server.url}/v1/_bench/sink", content=b"{}", timeout=30)
+    assert plain.status_code == 404
