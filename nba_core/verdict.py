@@ -170,6 +170,19 @@ def train_reference(model: nn.Module, x, y, *, seed: int, hflip: bool = False,
     return ref
 
 
+def reference_problem(model: nn.Module, reference: nn.Module, x, y) -> str | None:
+    """Why the reference cannot calibrate a verdict, or None. Fine-tuning that collapses a model (every retry
+    below REFERENCE_MIN_ACC of the suspect's accuracy on D, e.g. the SGD recipe on a small ViT) leaves a reference
+    whose masks are all odd: comparing with it would flag or clear classes at random."""
+    device = next(model.parameters()).device
+    xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
+    suspect, ref = _accuracy(model, xt, yt), _accuracy(reference, xt, yt)
+    if ref >= REFERENCE_MIN_ACC * suspect:
+        return None
+    return (f"the benign reference could not be trained on this model (accuracy on the clean set {ref:.1%} "
+            f"after fine-tuning vs {suspect:.1%} for the model itself): no calibrated verdict")
+
+
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with eval_mode(model), torch.no_grad():
         return float((predict_logits(model, x).argmax(1) == y).float().mean())
@@ -181,8 +194,9 @@ def _logit(p: float) -> float:
 
 
 def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None,
-          thresholds: dict | None = None) -> Verdict:
-    """Compare a model's scan with the reference's, class by class (module doc)."""
+          thresholds: dict | None = None, unreliable_reference: str | None = None) -> Verdict:
+    """Compare a model's scan with the reference's, class by class (module doc). With `unreliable_reference`
+    (the benign reference could not be trained) the comparison means nothing either way: inconclusive."""
     th = {**THRESHOLDS, **(thresholds or {})}
     k = scan.num_classes
     patch_lr = [math.log(max(ref.patch_l1[i], 1e-3) / max(scan.patch_l1[i], 1e-3)) for i in range(k)]
@@ -207,6 +221,9 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
             pairs = [p for p in pairs if p[1] != t]
     score = max(max(v) for v in scores.values())
     reasons = []
+    if unreliable_reference:
+        return Verdict(status=INCONCLUSIVE, targets=[], pairs=[], score=score, scores=scores,
+                       reasons=[unreliable_reference])
     if targets:
         reasons.append(f"classes {targets}: a trigger reaches them far more easily than on the benign reference")
     if pairs:
@@ -249,6 +266,8 @@ class VerdictSession:
                                          seed=seed, hflip=hflip, should_cancel=should_cancel,
                                          progress=lambda _stage, f: step(0.6 * f))
         self.reference_seconds = time.perf_counter() - t0
+        self.reference_problem = reference_problem(model, self.reference, x if ref_x is None else ref_x,
+                                                   y if ref_y is None else ref_y)
         step(0.6)
         self.reference_scan = self.scan(self.reference, lambda f: step(0.6 + 0.4 * f))
         step(1.0)
@@ -259,7 +278,8 @@ class VerdictSession:
 
     def judge(self, model: nn.Module, on_step: Callable[[float], None] | None = None) -> tuple[Verdict, ModelScan]:
         scan = self.scan(model, on_step)
-        return judge(scan, self.reference_scan, too_little_data=self.problem), scan
+        return judge(scan, self.reference_scan, too_little_data=self.problem,
+                     unreliable_reference=self.reference_problem), scan
 
     def report(self, verdict: Verdict, scan: ModelScan) -> dict:
         return {**verdict.to_dict(), "scan": scan.summary(), "reference_scan": self.reference_scan.summary(),

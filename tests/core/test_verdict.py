@@ -80,3 +80,24 @@ def test_scan_model_finds_the_digits_backdoor_target_and_is_deterministic():
     assert a.patch_l1 == b.patch_l1 and a.global_success == b.global_success
     assert int(np.argmin(a.patch_l1)) == 0
     assert a.masks.shape == (K + 1, 1, 8, 8) and a.deltas.shape == (K, 1, 8, 8)
+
+
+def test_a_reference_that_cannot_be_trained_makes_the_verdict_inconclusive(monkeypatch):
+    """Fine-tuning that collapses the model (seen with the SGD recipe on a small ViT) leaves no benign baseline:
+    whatever the scans say, the verdict is inconclusive and says why, instead of flagging or clearing at random."""
+    from nba_core import verdict
+    from tests.core.digits_backdoor import backdoored_digits
+
+    model, clean, _, _ = backdoored_digits(rate=0.15)
+    # The patch row of the backdoor's target would flag it against a scan of a broken reference too.
+    v = judge(_scan(patch=[1.0] + NATURAL[1:]), _scan(), unreliable_reference="no reference")
+    assert v.status == INCONCLUSIVE and v.targets == [] and v.reasons == ["no reference"]
+    monkeypatch.setitem(verdict.REFERENCE, "lr", 1e4)  # every retry diverges
+    monkeypatch.setitem(verdict.SCAN, "steps", 5)
+    session = verdict.VerdictSession(model, clean.x, clean.y, num_classes=K, seed=0)
+    assert session.reference_problem and "could not be trained" in session.reference_problem
+    result, _ = session.judge(model)
+    assert result.status == INCONCLUSIVE and result.targets == []
+    # The same model with the usual recipe has a usable reference.
+    monkeypatch.setitem(verdict.REFERENCE, "lr", 0.1)
+    assert verdict.reference_problem(model, model, clean.x, clean.y) is None
