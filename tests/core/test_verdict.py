@@ -101,3 +101,21 @@ def test_a_reference_that_cannot_be_trained_makes_the_verdict_inconclusive(monke
     # The same model with the usual recipe has a usable reference.
     monkeypatch.setitem(verdict.REFERENCE, "lr", 0.1)
     assert verdict.reference_problem(model, model, clean.x, clean.y) is None
+
+
+def test_a_clear_loss_of_clean_accuracy_is_a_warning():
+    from nba_core.pipeline import warnings_for
+
+    def report(ca0, ca1, n=None):
+        m = {}
+        for name, ca in (("before", ca0), ("after", ca1)):
+            m[name] = {"clean_accuracy": ca}
+            if n:
+                m[name]["clean_accuracy_ci95"] = list(wilson_interval(int(round(ca * n)), n))
+        return {"verdict": None, "metrics": m}
+
+    collapsed = warnings_for(report(0.87, 0.20, n=200))
+    assert len(collapsed) == 1 and "87.0% before, 20.0% after" in collapsed[0]
+    assert warnings_for(report(0.98, 0.96, n=1000)) == []  # a small cost is the usual price of cleaning
+    assert warnings_for(report(0.90, 0.80, n=20)) == []  # 10 points on 20 images: within the noise
+    assert len(warnings_for(report(0.90, 0.80))) == 1  # no interval (accuracy on D): the drop alone decides
