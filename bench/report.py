@@ -31,7 +31,8 @@ def completeness_notes(rows: list[dict], prov: dict) -> list[str]:
     for r in rows:
         cells[(r["attack"], r["defense"])].add(r["seed"])
     skipped = set(prov.get("not_applicable") or ())  # defenses that cannot apply to this architecture
-    missing = [f"{a}/{d}" for a in ATTACK_ORDER for d in DEFENSE_ORDER if not cells.get((a, d)) and d not in skipped]
+    scope = prov.get("scope_attacks") or ATTACK_ORDER  # the attacks the suite's table covers
+    missing = [f"{a}/{d}" for a in scope for d in DEFENSE_ORDER if not cells.get((a, d)) and d not in skipped]
     thin = sorted(f"{a}/{d} ({len(s)})" for (a, d), s in cells.items() if len(s) < max(MIN_SEEDS, len(seeds)))
     if missing or thin or len(seeds) < MIN_SEEDS:
         notes.append("PARTIAL: " + "; ".join(filter(None, [

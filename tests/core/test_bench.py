@@ -52,3 +52,12 @@ def test_gpu_ladder_code_runs_on_the_cpu_and_reports_every_step():
     assert scan["per_class_loop_seconds"] > 0 and scan["batched_seconds"] > 0
     text = markdown({"training": training, "class_scan": scan}, {"commit": "abc", "when": "now"})
     assert "reference: DataLoader" in text and "Class scan" in text
+
+
+def test_a_suite_with_fewer_attacks_is_complete_on_its_own_scope():
+    scope = ["badnets", "blended", "wanet"]
+    rows = [r for r in _rows() if r["attack"] in scope]
+    assert "trojan" in " ".join(completeness_notes(rows, {}))  # the default scope is all six attacks
+    assert completeness_notes(rows, {"scope_attacks": scope}) == []
+    assert "wanet/nba" in " ".join(completeness_notes(
+        [r for r in rows if (r["attack"], r["defense"]) != ("wanet", "nba")], {"scope_attacks": scope}))
