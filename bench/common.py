@@ -87,3 +87,15 @@ def timed(fn, device) -> float:
     fn()
     sync()
     return time.perf_counter() - t0
+
+
+def parse_overrides(text: str) -> dict:
+    """"epochs=1,lr=0.001" -> {"epochs": 1, "lr": 0.001} (a defense row named "ft:epochs=1,lr=0.001")."""
+    params: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if value in ("true", "false"):
+            params[key] = value == "true"
+        else:
+            params[key] = float(value) if any(c in value for c in ".e") else int(value)
+    return params

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import OUT_DIR, RowLog, provenance
+from .common import OUT_DIR, RowLog, parse_overrides, provenance
 from .detect_models import KINDS, load_or_make, truth
 
 KEY = ("kind", "seed", "defense", "scan_seed")
@@ -66,11 +66,7 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
 def defense_spec(name: str) -> tuple[str, dict]:
     """"ft" or "ft:epochs=1,lr=0.001" (a deliberately weak defense, to see the verdict on a surviving backdoor)."""
     method, _, rest = name.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        params[key] = float(value) if "." in value or "e" in value else int(value)
-    return method, params
+    return method, parse_overrides(rest)
 
 
 def auroc(pos: list[float], neg: list[float]) -> float | None:

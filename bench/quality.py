@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .common import OUT_DIR, RowLog, provenance
+from .common import OUT_DIR, RowLog, parse_overrides, provenance
 from .report import write_quality_report
 
 ATTACKS = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
@@ -104,10 +104,18 @@ def load_or_make_backdoor(dataset: str, arch: str, attack: str, seed: int, devic
     return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"], **data)
 
 
-def defense_params(name: str) -> tuple[str, dict]:
-    """'method' -> (method, {}); 'method:preset' -> (method, {"preset": preset})."""
-    method, _, preset = name.partition(":")
-    return method, ({"preset": preset} if preset else {})
+def defense_params(name: str, dataset: str | None = None, arch: str | None = None) -> tuple[str, dict]:
+    """'method' -> (method, {}); 'method:preset' -> (method, {"preset": preset}); 'method:k=v,...' -> those
+    overrides (bench.tuning's grid rows); 'method:tuned' -> the configuration bench.tuning selected for
+    (dataset, arch) on the tuning seeds."""
+    method, _, rest = name.partition(":")
+    if rest == "tuned":
+        from .tuning import selected_params
+
+        return method, selected_params(method, dataset, arch)
+    if "=" in rest:
+        return method, parse_overrides(rest)
+    return method, ({"preset": rest} if rest else {})
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -162,7 +170,7 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
             after, seconds, stages = before, 0.0, {}
         else:
             dev = pick_device(device)
-            method, params = defense_params(name)
+            method, params = defense_params(name, dataset, arch)
             uses_verdict = method == "nba"
             ctx = DefenseContext(spec=run.spec, device=dev, generator=seed_everything(seed), seed=seed,
                                  hflip=run.spec.in_channels == 3, verdict=verdict if uses_verdict else None)

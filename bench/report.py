@@ -16,7 +16,13 @@ LABEL = {"none": "No defense", "ft": "FT", "fp": "FP", "nad": "NAD", "anp": "ANP
 
 
 def ordered(values, order):
-    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+    """`values` in `order`; a variant 'method:...' not in `order` (e.g. 'ft:tuned') right after its method."""
+    def rank(v):
+        if v in order:
+            return (order.index(v), "")
+        base = v.partition(":")[0]
+        return (order.index(base) if base in order else len(order), v)
+    return sorted(values, key=rank)
 
 
 MIN_SEEDS = 3  # the protocol's minimum (NBA.md §4)
@@ -73,7 +79,11 @@ def quality_markdown(rows: list[dict], prov: dict) -> str:
              "Tuning: every row runs its defaults, untuned for this table (baselines: their authors' values, "
              "`docs/baselines.md`; `method:preset` rows: a named preset). NBA's default preset was chosen earlier on "
              "MNIST-5k tuning seeds 10–11, kept apart from the reported seeds; no baseline received such tuning, which "
-             "favours NBA's default row. NBA's paper form is untuned.", ""]
+             "favours NBA's default row. NBA's paper form is untuned." + (
+                 " `method:tuned` rows: the configuration `python -m bench.tuning` chose for that defense on tuning "
+                 "seeds 10–11 with the same budget for every defense, NBA included (four values of one "
+                 "hyperparameter, highest mean DER; `docs/benchmarks/tuning_*.md`)."
+                 if any(r["defense"].endswith(":tuned") for r in rows) else ""), ""]
     notes = completeness_notes(rows, prov)
     if notes:
         lines[2:2] = [f"> {note}" for note in notes] + [""]

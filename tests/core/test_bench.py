@@ -61,3 +61,41 @@ def test_a_suite_with_fewer_attacks_is_complete_on_its_own_scope():
     assert completeness_notes(rows, {"scope_attacks": scope}) == []
     assert "wanet/nba" in " ".join(completeness_notes(
         [r for r in rows if (r["attack"], r["defense"]) != ("wanet", "nba")], {"scope_attacks": scope}))
+
+
+def test_tuning_grids_start_at_each_defenses_default_and_give_everyone_the_same_budget():
+    from bench.tuning import GRIDS, grid_names
+    from nba_core.defenses import get_defense
+
+    for method, (param, values) in GRIDS.items():
+        assert len(values) == 4 and len(set(values)) == 4, method  # NBA's budget: four values of one knob
+        assert getattr(get_defense(method, {}).config, param) == values[0], method
+        assert grid_names(method)[0] == method
+        for name in grid_names(method)[1:]:  # every alternative is a valid parameter set
+            from bench.quality import defense_params
+
+            m, params = defense_params(name)
+            assert m == method and get_defense(m, params).config is not None
+
+
+def test_tuning_selects_the_best_mean_der_ties_to_the_default_and_tuned_rows_read_it(tmp_path, monkeypatch):
+    import json
+
+    import bench.tuning as tuning
+    from bench.quality import defense_params
+
+    def row(defense, attack, seed, der):
+        return {"defense": defense, "attack": attack, "seed": seed, "der": der}
+
+    cells = [("badnets", 10), ("blended", 10), ("badnets", 11)]
+    rows = [row("ft", a, s, 0.8) for a, s in cells] + [row("ft:lr=0.05", a, s, 0.9) for a, s in cells]
+    rows += [row("ft:lr=0.02", "badnets", 10, 1.0)]  # better, but measured on one cell only: does not compete
+    rows += [row("nad", a, s, 0.7) for a, s in cells] + [row("nad:lr=0.05", a, s, 0.7) for a, s in cells]
+    chosen = tuning.select(rows)
+    assert chosen["ft"]["row"] == "ft:lr=0.05" and chosen["ft"]["params"] == {"lr": 0.05}
+    assert chosen["nad"]["row"] == "nad" and chosen["nad"]["params"] == {}  # a tie keeps the default
+    monkeypatch.setattr(tuning, "OUT_DIR", tmp_path)
+    tuning.tuning_path("mnist5k", "small_cnn").write_text(json.dumps({"chosen": chosen}))
+    assert defense_params("ft:tuned", "mnist5k", "small_cnn") == ("ft", {"lr": 0.05})
+    assert defense_params("ft:epochs=1,lr=0.001") == ("ft", {"epochs": 1, "lr": 0.001})
+    assert defense_params("ibau:authors") == ("ibau", {"preset": "authors"})
