@@ -41,10 +41,12 @@ from .triggerscan import apply_trigger, optimise_mask_triggers, scan_universal_p
 SUSPECTED, NOT_SUSPECTED, INCONCLUSIVE = "suspected", "not_suspected", "inconclusive"
 
 # Scan settings (one set for every use; validated for stability across scan seeds on tuning seeds).
-SCAN = {"steps": 80, "batch_size": 12, "shift_restarts": 2, "shift_batch": 24, "l1_weight": 0.5, "lr": 0.5, "mask_init": 0.05,
+SCAN = {"steps": 80, "batch_size": 12, "restarts": 2, "shift_restarts": 2, "shift_batch": 24, "l1_weight": 0.5, "lr": 0.5, "mask_init": 0.05,
         "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12}
-# Reference model: the suspect fine-tuned hard on D (NBA's teacher defaults).
-REFERENCE = {"epochs": 10, "lr": 0.1, "shift": 2, "batch_size": 64, "weight_decay": 5e-4}
+# Reference model: the suspect fine-tuned hard on D (NBA's teacher recipe, 30 epochs instead of 10: on tuning
+# models after 10 epochs the reference still carried the backdoor (real ASR > 30 %) at 15 of 40 seeds, after 30 at
+# none of 40 (max 27 %), and a reference that keeps the backdoor hides its target -- docs/verdict.md).
+REFERENCE = {"epochs": 30, "lr": 0.1, "shift": 2, "batch_size": 64, "weight_decay": 5e-4}
 REFERENCE_MIN_ACC, REFERENCE_TRIES = 0.8, 3  # accuracy on D relative to the suspect's; retries at lr / 3
 # Thresholds per family, in the units of module doc (fitted on benign tuning models; docs/verdict.md).
 THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0}
@@ -68,6 +70,9 @@ class ModelScan:
     patterns: torch.Tensor
     deltas: torch.Tensor
     seconds: float = 0.0
+    # Per restart (rows) and class: what each independent optimisation found; the fields above keep the best.
+    patch_l1_restarts: list[list[float]] = field(default_factory=list)
+    global_success_restarts: list[list[float]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -113,16 +118,21 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     xt, yt = _tensor(x, device, torch.float32), _tensor(y, device, torch.long)
-    classes = list(range(num_classes))
+    k, restarts = num_classes, int(s["restarts"])
+    classes = list(range(k))
     gen = torch.Generator().manual_seed(int(seed))
+    # Every class is optimised `restarts` times in the same batch (rows r*K + k) and the smallest mask kept: one
+    # run alone missed a working BadNets/Trojan trigger at about one scan seed in four (detection table).
     masks, patterns, _ = optimise_mask_triggers(
-        model, xt, yt, targets=classes, sources=[None] * s["shift_restarts"], steps=s["steps"],
+        model, xt, yt, targets=classes * restarts, sources=[None] * s["shift_restarts"], steps=s["steps"],
         batch_size=s["batch_size"], l1_weight=s["l1_weight"], lr=s["lr"], generator=gen, mask_init=s["mask_init"],
         should_cancel=should_cancel, on_step=on_step)
     l1 = masks.flatten(1).sum(1).cpu()
-    best = num_classes + int(l1[num_classes:].argmin())
-    masks = torch.cat([masks[:num_classes], masks[best : best + 1]])
-    patterns = torch.cat([patterns[:num_classes], patterns[best : best + 1]])
+    per_restart = l1[: k * restarts].view(restarts, k)
+    rows = per_restart.argmin(0) * k + torch.arange(k)
+    best = k * restarts + int(l1[k * restarts :].argmin())
+    rows = torch.cat([rows, torch.tensor([best])])
+    masks, patterns = masks[rows.to(masks.device)], patterns[rows.to(patterns.device)]
     lands, shares = [], []
     with eval_mode(model), torch.no_grad():
         for src in classes:
@@ -131,17 +141,23 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
                 lands.append(src)
                 shares.append(0.0)
                 continue
-            pred = predict_logits(model, apply_trigger(xs, masks[num_classes], patterns[num_classes])).argmax(1)
-            counts = torch.bincount(pred[pred != src], minlength=num_classes)
+            pred = predict_logits(model, apply_trigger(xs, masks[k], patterns[k])).argmax(1)
+            counts = torch.bincount(pred[pred != src], minlength=k)
             land = int(counts.argmax())
             lands.append(land)
             shares.append(float(counts[land]) / max(len(xs), 1))
-    uap = scan_universal_perturbations(model, xt, yt, num_classes=num_classes, eps=s["uap_eps"],
-                                       steps=s["uap_steps"], batch_size=s["uap_batch"], generator=gen,
-                                       should_cancel=should_cancel)
-    return ModelScan(patch_l1=[float(v) for v in l1[:num_classes]], shift_l1=float(l1[best]),
-                     source_lands=lands, source_land_share=shares, global_success=list(uap.success_rate),
-                     masks=masks.detach().cpu(), patterns=patterns.detach().cpu(), deltas=uap.deltas,
+    # The global rows likewise: per class, the restart whose delta reaches it most often.
+    uaps = [scan_universal_perturbations(model, xt, yt, num_classes=k, eps=s["uap_eps"], steps=s["uap_steps"],
+                                         batch_size=s["uap_batch"], generator=gen, should_cancel=should_cancel)
+            for _ in range(restarts)]
+    success = torch.tensor([u.success_rate for u in uaps])  # restarts×K
+    pick = success.argmax(0)
+    deltas = torch.stack([uaps[int(pick[c])].deltas[c] for c in classes])
+    return ModelScan(patch_l1=[float(v) for v in per_restart.min(0).values], shift_l1=float(l1[best]),
+                     source_lands=lands, source_land_share=shares,
+                     global_success=[float(v) for v in success.max(0).values],
+                     masks=masks.detach().cpu(), patterns=patterns.detach().cpu(), deltas=deltas,
+                     patch_l1_restarts=per_restart.tolist(), global_success_restarts=success.tolist(),
                      seconds=time.perf_counter() - t0)
 
 

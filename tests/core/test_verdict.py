@@ -82,6 +82,20 @@ def test_scan_model_finds_the_digits_backdoor_target_and_is_deterministic():
     assert a.masks.shape == (K + 1, 1, 8, 8) and a.deltas.shape == (K, 1, 8, 8)
 
 
+def test_scan_restarts_keep_each_class_s_smallest_mask_and_most_reaching_delta():
+    from tests.core.digits_backdoor import backdoored_digits
+
+    model, clean, _, _ = backdoored_digits(rate=0.15)
+    scan = scan_model(model, clean.x, clean.y, num_classes=K, seed=3,
+                      settings={"steps": 30, "uap_steps": 4, "restarts": 3})
+    per_restart = np.array(scan.patch_l1_restarts)
+    assert per_restart.shape == (3, K) and not np.allclose(per_restart[0], per_restart[1])
+    assert np.allclose(scan.patch_l1, per_restart.min(0))
+    # The kept mask is the one whose L1 is reported, class by class.
+    assert np.allclose(scan.masks[:K].flatten(1).sum(1).numpy(), scan.patch_l1, rtol=1e-5)
+    assert np.allclose(scan.global_success, np.array(scan.global_success_restarts).max(0))
+
+
 def test_a_reference_that_cannot_be_trained_makes_the_verdict_inconclusive(monkeypatch):
     """Fine-tuning that collapses the model (seen with the SGD recipe on a small ViT) leaves no benign baseline:
     whatever the scans say, the verdict is inconclusive and says why, instead of flagging or clearing at random."""
