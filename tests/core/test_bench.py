@@ -3,6 +3,8 @@ CPU here, so that its code paths are exercised before a GPU is ever lent)."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.gpu_speed import markdown, scan_ladder, training_ladder
 from bench.report import ATTACK_ORDER, DEFENSE_ORDER, completeness_notes, quality_markdown
 
@@ -99,3 +101,20 @@ def test_tuning_selects_the_best_mean_der_ties_to_the_default_and_tuned_rows_rea
     assert defense_params("ft:tuned", "mnist5k", "small_cnn") == ("ft", {"lr": 0.05})
     assert defense_params("ft:epochs=1,lr=0.001") == ("ft", {"epochs": 1, "lr": 0.001})
     assert defense_params("ibau:authors") == ("ibau", {"preset": "authors"})
+
+
+def test_verdict_stability_refuses_reported_seeds_and_counts_flips():
+    from bench import verdict_stability as vs
+
+    with pytest.raises(SystemExit):
+        vs.main(["--seeds", "2", "--report-only"])
+    v = lambda status, score, targets=(): {"status": status, "score": score, "targets": list(targets)}
+    rows = [{"kind": "none", "seed": 10, "scan_seed": s, "restarts": 2, "verdict_r1": v("not_suspected", 0.4),
+             "verdict_r2": v("not_suspected", 0.4)} for s in (0, 1)]
+    rows += [{"kind": "badnets", "seed": 10, "scan_seed": 0, "restarts": 2, "verdict_r1": v("not_suspected", 0.5),
+              "verdict_r2": v("suspected", 1.5, [0])},
+             {"kind": "badnets", "seed": 10, "scan_seed": 1, "restarts": 2, "verdict_r1": v("suspected", 2.0, [0]),
+              "verdict_r2": v("suspected", 2.1, [0])}]
+    table = vs.summarize(rows)
+    assert table[2].startswith("| 1 | 2 | 1 |") and "| 1/2 |" in table[2]
+    assert table[3].startswith("| 2 | 2 | 0 |") and "| 2/2 |" in table[3]

@@ -1,0 +1,121 @@
+"""Verdict stability on TUNING models (issue 8): status, targets and score of the trigger-free verdict at several
+scan seeds, with one and with all of the scan's restarts (both read from one scan: each restart is kept).
+
+    python -m bench.verdict_stability [--kinds none badnets ...] [--seeds 10 11] [--scan-seeds 0 1 2]
+
+Rows go to docs/benchmarks/verdict_stability_tuning.jsonl (one per model and scan seed); the summary to the .md.
+Only tuning seeds (>= 10) are accepted: this is where the scan's restarts and the reference's epochs were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .common import OUT_DIR, provenance
+
+STEM = "verdict_stability_tuning"
+
+
+def aggregate(scan, restarts: int):
+    """The scan as if it had run only its first `restarts` restarts (smallest mask, most reaching delta)."""
+    import torch
+
+    return dataclasses.replace(
+        scan, patch_l1=torch.tensor(scan.patch_l1_restarts[:restarts]).min(0).values.tolist(),
+        global_success=torch.tensor(scan.global_success_restarts[:restarts]).max(0).values.tolist())
+
+
+def run(kind: str, seed: int, scan_seed: int) -> dict:
+    import torch
+
+    from nba_core import verdict as V
+
+    from .detect_models import load_or_make
+
+    torch.set_num_threads(1)
+    r = load_or_make(kind, seed)
+    t0 = time.perf_counter()
+    session = V.VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=r.spec.num_classes, seed=scan_seed)
+    _, scan = session.judge(r.model)
+    row = {"kind": kind, "seed": seed, "scan_seed": scan_seed, "asr": r.asr(r.model),
+           "seconds": time.perf_counter() - t0, "scan_seconds": scan.seconds,
+           "restarts": len(scan.patch_l1_restarts), "reference_epochs": V.REFERENCE["epochs"],
+           "patch_l1_restarts": scan.patch_l1_restarts,
+           "ref_patch_l1_restarts": session.reference_scan.patch_l1_restarts,
+           "global_restarts": scan.global_success_restarts,
+           "ref_global_restarts": session.reference_scan.global_success_restarts}
+    for k in range(1, row["restarts"] + 1):
+        v = V.judge(aggregate(scan, k), aggregate(session.reference_scan, k), too_little_data=session.problem,
+                    unreliable_reference=session.reference_problem)
+        row[f"verdict_r{k}"] = v.to_dict()
+    return row
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    lines = ["| restarts used | models | flips across scan seeds | benign scans suspected / inconclusive | "
+             "highest benign score | backdoored scans suspected | exact target | lowest backdoored score |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in (1, 2):
+        by = defaultdict(list)
+        for r in rows:
+            if f"verdict_r{k}" in r:
+                by[(r["kind"], r["seed"])].append(r[f"verdict_r{k}"])
+        ben = [v for (kind, _), vs in by.items() if kind == "none" for v in vs]
+        bad = [v for (kind, _), vs in by.items() if kind != "none" for v in vs]
+        if not ben or not bad:
+            continue
+        flips = sum(len({v["status"] for v in vs}) > 1 for vs in by.values())
+        lines.append(f"| {k} | {len(by)} | {flips} | {sum(v['status'] == 'suspected' for v in ben)}/{len(ben)} / "
+                     f"{sum(v['status'] == 'inconclusive' for v in ben)} | {max(v['score'] for v in ben):.2f} | "
+                     f"{sum(v['status'] == 'suspected' for v in bad)}/{len(bad)} | "
+                     f"{sum(v['targets'] == [0] for v in bad)}/{len(bad)} | {min(v['score'] for v in bad):.2f} |")
+    lines += ["", "| model | scan seed | restarts run | verdict (1 restart) | verdict (2 restarts) |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kind"], r["seed"], r["scan_seed"])):
+        cell = lambda v: f"{v['status']} {v['targets'] or ''} {v['score']:.2f}" if v else "–"
+        lines.append(f"| {r['kind']} s{r['seed']} | {r['scan_seed']} | {r['restarts']} | {cell(r.get('verdict_r1'))} | "
+                     f"{cell(r.get('verdict_r2'))} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", nargs="+", default=["none", "badnets", "blended", "trojan", "sig", "wanet"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[10, 11])
+    p.add_argument("--benign-seeds", nargs="+", type=int, default=[10, 11, 12, 13])
+    p.add_argument("--scan-seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if min(args.seeds + args.benign_seeds) < 10:
+        p.error("tuning seeds only (>= 10): the reported seeds 0-9 are for bench.detection")
+    path = args.out / f"{STEM}.jsonl"
+    done = {(r["kind"], r["seed"], r["scan_seed"]) for r in map(json.loads, path.open())} if path.exists() else set()
+    if not args.report_only:
+        units = [("none", s) for s in args.benign_seeds] + [(k, s) for k in args.kinds if k != "none" for s in args.seeds]
+        for kind, seed in units:
+            for s in args.scan_seeds:
+                if (kind, seed, s) in done:
+                    continue
+                row = run(kind, seed, s) | {"commit": provenance()["commit"]}
+                with path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(kind, seed, s, row["verdict_r1"]["status"], row.get("verdict_r2", {}).get("status"), flush=True)
+    rows = {}
+    for r in map(json.loads, path.open()):
+        rows[(r["kind"], r["seed"], r["scan_seed"])] = r
+    prov = provenance()
+    md = ["# Verdict stability on tuning models (MNIST-5k small CNN, 200 clean images)", "",
+          f"`python -m bench.verdict_stability` — report written at commit `{str(prov['commit'])[:10]}`, {prov['when']}. "
+          "Tuning seeds only: where the scan's restarts (2) and the benign reference's epochs (30) were chosen. "
+          "Both columns come from the same scans (each restart is kept; '1 restart' uses the first).", ""]
+    (args.out / f"{STEM}.md").write_text("\n".join(md + summarize(list(rows.values()))) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
