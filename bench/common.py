@@ -99,3 +99,19 @@ def parse_overrides(text: str) -> dict:
         else:
             params[key] = float(value) if any(c in value for c in ".e") else int(value)
     return params
+
+
+# The tuning harness (bench.tuning) writes its choice here; bench.quality reads it for "method:tuned" rows.
+def tuning_path(dataset: str, arch: str, out: Path | None = None) -> Path:
+    return (out or OUT_DIR) / f"tuning_{dataset}_{arch}.json"
+
+
+def selected_params(method: str, dataset: str | None, arch: str | None, out: Path | None = None) -> dict:
+    """The tuned configuration's parameter overrides (for bench.quality's 'method:tuned' rows)."""
+    path = tuning_path(str(dataset), str(arch), out)
+    if not path.exists():
+        raise SystemExit(f"{method}:tuned needs {path}: run python -m bench.tuning for this suite first")
+    chosen = json.loads(path.read_text())["chosen"]
+    if method not in chosen:
+        raise SystemExit(f"{path} has no tuned configuration for {method}")
+    return chosen[method]["params"]

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .common import OUT_DIR, RowLog, parse_overrides, provenance
+from .common import OUT_DIR, RowLog, parse_overrides, provenance, selected_params
 from .report import write_quality_report
 
 ATTACKS = ("badnets", "blended", "trojan", "sig", "cl", "wanet")
@@ -110,7 +110,6 @@ def defense_params(name: str, dataset: str | None = None, arch: str | None = Non
     (dataset, arch) on the tuning seeds."""
     method, _, rest = name.partition(":")
     if rest == "tuned":
-        from .tuning import selected_params
 
         return method, selected_params(method, dataset, arch)
     if "=" in rest:

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import OUT_DIR, RowLog, fmt_pct, parse_overrides, provenance
+from .common import OUT_DIR, RowLog, fmt_pct, parse_overrides, provenance, selected_params, tuning_path
 
 TUNING_SEEDS = (10, 11)
 # defense -> (hyperparameter, (default, three alternatives)); the default must equal the Config's default (a test
@@ -44,10 +44,6 @@ def grid_names(method: str) -> list[str]:
     return [method] + [f"{method}:{name}={v}" for v in values[1:]]
 
 
-def tuning_path(dataset: str, arch: str, out: Path | None = None) -> Path:
-    return (out or OUT_DIR) / f"tuning_{dataset}_{arch}.json"
-
-
 def select(rows: list[dict]) -> dict:
     """method -> the configuration with the highest mean DER over its (attack, seed) cells; ties go to the default.
     Only configurations measured on every cell the default was measured on compete."""
@@ -66,17 +62,6 @@ def select(rows: list[dict]) -> dict:
         chosen[method] = {"row": best, "params": parse_overrides(rest), "mean_der": scores[best],
                           "configs": scores, "cells": len(cells)}
     return chosen
-
-
-def selected_params(method: str, dataset: str | None, arch: str | None, out: Path | None = None) -> dict:
-    """The tuned configuration's parameter overrides (for bench.quality's 'method:tuned' rows)."""
-    path = tuning_path(str(dataset), str(arch), out)
-    if not path.exists():
-        raise SystemExit(f"{method}:tuned needs {path}: run python -m bench.tuning for this suite first")
-    chosen = json.loads(path.read_text())["chosen"]
-    if method not in chosen:
-        raise SystemExit(f"{path} has no tuned configuration for {method}")
-    return chosen[method]["params"]
 
 
 def write_report(rows: list[dict], chosen: dict, path: Path, prov: dict) -> None:

@@ -96,7 +96,9 @@ def test_tuning_selects_the_best_mean_der_ties_to_the_default_and_tuned_rows_rea
     chosen = tuning.select(rows)
     assert chosen["ft"]["row"] == "ft:lr=0.05" and chosen["ft"]["params"] == {"lr": 0.05}
     assert chosen["nad"]["row"] == "nad" and chosen["nad"]["params"] == {}  # a tie keeps the default
-    monkeypatch.setattr(tuning, "OUT_DIR", tmp_path)
+    from bench import common
+
+    monkeypatch.setattr(common, "OUT_DIR", tmp_path)
     tuning.tuning_path("mnist5k", "small_cnn").write_text(json.dumps({"chosen": chosen}))
     assert defense_params("ft:tuned", "mnist5k", "small_cnn") == ("ft", {"lr": 0.05})
     assert defense_params("ft:epochs=1,lr=0.001") == ("ft", {"epochs": 1, "lr": 0.001})
