@@ -110,7 +110,6 @@ def defense_params(name: str, dataset: str | None = None, arch: str | None = Non
     (dataset, arch) on the tuning seeds."""
     method, _, rest = name.partition(":")
     if rest == "tuned":
-
         return method, selected_params(method, dataset, arch)
     if "=" in rest:
         return method, parse_overrides(rest)
@@ -193,6 +192,38 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
     return rows
 
 
+def pending_units(log: RowLog, dataset: str, arch: str, attacks: list[str], seeds: list[int],
+                  defenses: list[str]) -> list[tuple[str, int, tuple[str, ...]]]:
+    """(attack, seed, defenses with no row yet) to run. Seeds go first so that an interrupted run leaves whole seeds
+    rather than a few seeds of every attack; a resumed run only runs what is missing."""
+    units = [(a, s, tuple(d for d in defenses if not log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s)))
+             for s in seeds for a in attacks]
+    return [u for u in units if u[2]]
+
+
+def run_units(dataset: str, arch: str, units: list, rows_path: Path, *, device: str, jobs: int,
+              commit: str) -> RowLog:
+    """Run the units in `jobs` spawned processes (each appends its rows) and return the rows file's log, one row
+    per cell: two runs sharing the rows file may both have done a cell, and the first row counts."""
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, device, threads, rows_path, commit): (a, s)
+                   for a, s, todo in units}
+        for fut in as_completed(futures):
+            a, s = futures[fut]
+            fut.result()  # the worker has appended its rows already
+            print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
+    log = RowLog(rows_path, KEY)  # re-read: the workers wrote the new rows
+    first: dict = {}
+    for row in log.rows:
+        first.setdefault(log.key(row), row)
+    log.rows = list(first.values())
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Regenerate the attack × defense quality table.")
     p.add_argument("--suite", choices=sorted(SUITES), default="mnist")
@@ -222,31 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder)
     log = RowLog(rows_path, KEY)
     prov = provenance()
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    # A resumed run only runs the defenses that have no row yet for that (attack, seed); seeds go first so that an
-    # interrupted run leaves whole seeds rather than a few seeds of every attack. Defenses that cannot apply to the
-    # architecture (HF transformers: ANP, FP) are skipped and named in the report.
+    # Defenses that cannot apply to the architecture (HF transformers: ANP, FP) are skipped and named in the report.
     wanted = [d for d in args.defenses if d not in not_applicable(arch)]
-    units = [(a, s, tuple(d for d in wanted
-                          if not log.has(dataset=dataset, arch=arch, attack=a, defense=d, seed=s)))
-             for s in args.seeds for a in args.attacks]
-    units = [u for u in units if u[2]] if not args.report_only else []
+    units = [] if args.report_only else pending_units(log, dataset, arch, args.attacks, args.seeds, wanted)
     print(f"{stem}: {len(units)} units to run ({len(log.rows)} rows already there), {args.jobs} processes")
     t0 = time.perf_counter()
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, args.device, threads, rows_path,
-                               prov["commit"]): (a, s) for a, s, todo in units}
-        for fut in as_completed(futures):
-            a, s = futures[fut]
-            fut.result()  # the worker has appended its rows already
-            print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
-    log = RowLog(rows_path, KEY)  # re-read: the workers wrote the new rows
-    first: dict = {}
-    for row in log.rows:  # two runs sharing the rows file may both have done a cell: the first row counts
-        first.setdefault(log.key(row), row)
-    log.rows = list(first.values())
+    log = run_units(dataset, arch, units, rows_path, device=args.device, jobs=args.jobs, commit=prov["commit"])
     skipped = not_applicable(arch)
     if skipped:
         prov = prov | {"not_applicable": skipped}

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import OUT_DIR, RowLog, fmt_pct, parse_overrides, provenance, selected_params, tuning_path
+from .common import OUT_DIR, RowLog, fmt_pct, parse_overrides, provenance, tuning_path
 
 TUNING_SEEDS = (10, 11)
 # defense -> (hyperparameter, (default, three alternatives)); the default must equal the Config's default (a test
@@ -88,7 +88,7 @@ def write_report(rows: list[dict], chosen: dict, path: Path, prov: dict) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quality import ATTACKS, SUITE_ATTACKS, SUITES, not_applicable, run_unit
+    from .quality import ATTACKS, SUITE_ATTACKS, SUITES, not_applicable, pending_units, run_units
 
     p = argparse.ArgumentParser(description="Tune every defense with the same budget on the tuning seeds.")
     p.add_argument("--suite", choices=sorted(SUITES), default="mnist")
@@ -109,22 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance()
     skipped = not_applicable(arch)
     names = [n for m in args.defenses if m not in skipped for n in grid_names(m)]
-    units = [(a, s, tuple(n for n in names if not log.has(dataset=dataset, arch=arch, attack=a, defense=n, seed=s)))
-             for s in args.seeds for a in attacks]
-    units = [u for u in units if u[2]]
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    units = pending_units(log, dataset, arch, attacks, args.seeds, names)
     print(f"{path.stem}: {len(units)} units to run, {args.jobs} processes")
     t0 = time.perf_counter()
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_unit, dataset, arch, a, s, todo, args.device, threads, rows_path,
-                               prov["commit"]): (a, s) for a, s, todo in units}
-        for fut in as_completed(futures):
-            fut.result()
-            print(f"  done {futures[fut]} after {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = RowLog(rows_path, KEY).rows
+    rows = run_units(dataset, arch, units, rows_path, device=args.device, jobs=args.jobs, commit=prov["commit"]).rows
     chosen = select(rows)
     write_report(rows, chosen, path, prov | {"suite": args.suite, "wall_seconds": time.perf_counter() - t0})
     print(f"wrote {path} and {path.with_suffix('.md')}")

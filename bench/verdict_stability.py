@@ -10,24 +10,14 @@ Only tuning seeds (>= 10) are accepted: this is where the scan's restarts and th
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import OUT_DIR, provenance
+from .common import OUT_DIR, RowLog, provenance
 
 STEM = "verdict_stability_tuning"
-
-
-def aggregate(scan, restarts: int):
-    """The scan as if it had run only its first `restarts` restarts (smallest mask, most reaching delta)."""
-    import torch
-
-    return dataclasses.replace(
-        scan, patch_l1=torch.tensor(scan.patch_l1_restarts[:restarts]).min(0).values.tolist(),
-        global_success=torch.tensor(scan.global_success_restarts[:restarts]).max(0).values.tolist())
+KEY = ("kind", "seed", "scan_seed")
 
 
 def run(kind: str, seed: int, scan_seed: int) -> dict:
@@ -50,7 +40,7 @@ def run(kind: str, seed: int, scan_seed: int) -> dict:
            "global_restarts": scan.global_success_restarts,
            "ref_global_restarts": session.reference_scan.global_success_restarts}
     for k in range(1, row["restarts"] + 1):
-        v = V.judge(aggregate(scan, k), aggregate(session.reference_scan, k), too_little_data=session.problem,
+        v = V.judge(scan.with_restarts(k), session.reference_scan.with_restarts(k), too_little_data=session.problem,
                     unreliable_reference=session.reference_problem)
         row[f"verdict_r{k}"] = v.to_dict()
     return row
@@ -93,22 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.seeds + args.benign_seeds) < 10:
         p.error("tuning seeds only (>= 10): the reported seeds 0-9 are for bench.detection")
-    path = args.out / f"{STEM}.jsonl"
-    done = {(r["kind"], r["seed"], r["scan_seed"]) for r in map(json.loads, path.open())} if path.exists() else set()
+    log = RowLog(args.out / f"{STEM}.jsonl", KEY)
+    prov = provenance()
     if not args.report_only:
         units = [("none", s) for s in args.benign_seeds] + [(k, s) for k in args.kinds if k != "none" for s in args.seeds]
         for kind, seed in units:
             for s in args.scan_seeds:
-                if (kind, seed, s) in done:
+                if log.has(kind=kind, seed=seed, scan_seed=s):
                     continue
-                row = run(kind, seed, s) | {"commit": provenance()["commit"]}
-                with path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                row = run(kind, seed, s) | {"commit": prov["commit"]}
+                log.add(row)
                 print(kind, seed, s, row["verdict_r1"]["status"], row.get("verdict_r2", {}).get("status"), flush=True)
-    rows = {}
-    for r in map(json.loads, path.open()):
-        rows[(r["kind"], r["seed"], r["scan_seed"])] = r
-    prov = provenance()
+    rows = {log.key(r): r for r in log.rows}
     md = ["# Verdict stability on tuning models (MNIST-5k small CNN, 200 clean images)", "",
           f"`python -m bench.verdict_stability` — report written at commit `{str(prov['commit'])[:10]}`, {prov['when']}. "
           "Tuning seeds only: where the scan's restarts (2) and the benign reference's epochs (30) were chosen. "

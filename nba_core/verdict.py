@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -77,6 +77,12 @@ class ModelScan:
     @property
     def num_classes(self) -> int:
         return len(self.patch_l1)
+
+    def with_restarts(self, n: int) -> "ModelScan":
+        """This scan's judged values as if only its first `n` restarts had run (same rule as scan_model: the
+        smallest mask, the most reaching delta); masks and deltas stay those of all restarts."""
+        return replace(self, patch_l1=np.min(self.patch_l1_restarts[:n], axis=0).tolist(),
+                                   global_success=np.max(self.global_success_restarts[:n], axis=0).tolist())
 
     def summary(self) -> dict:
         return {"patch_mask_l1": _round(self.patch_l1, 3), "shift_mask_l1": round(self.shift_l1, 3),

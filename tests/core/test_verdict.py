@@ -94,6 +94,10 @@ def test_scan_restarts_keep_each_class_s_smallest_mask_and_most_reaching_delta()
     # The kept mask is the one whose L1 is reported, class by class.
     assert np.allclose(scan.masks[:K].flatten(1).sum(1).numpy(), scan.patch_l1, rtol=1e-5)
     assert np.allclose(scan.global_success, np.array(scan.global_success_restarts).max(0))
+    # Judging from fewer restarts uses the same rule on the first ones.
+    first = scan.with_restarts(1)
+    assert np.allclose(first.patch_l1, per_restart[0]) and first.shift_l1 == scan.shift_l1
+    assert np.allclose(scan.with_restarts(3).patch_l1, scan.patch_l1)
 
 
 def test_a_reference_that_cannot_be_trained_makes_the_verdict_inconclusive(monkeypatch):
