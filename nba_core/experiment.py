@@ -23,6 +23,7 @@ from .data.builtin import DATASET_INFO, train_test
 from .data.imageset import ImageSet, stratified_split
 from .device import pick_device, prepare_model, seed_everything, to_device
 from .errors import INVALID_PARAMS, UNKNOWN_DATASET, NBAError
+from .hf_config import ADAMW_MODEL_TYPES
 from .metrics import attack_success_rate, clean_accuracy
 from .models import build_model
 from .models.base import SpecModel
@@ -71,14 +72,11 @@ def default_spec(dataset: str, arch: str) -> ModelSpec:
                        "input_size": list(info["input_size"]), "mean": list(mean), "std": list(std)})
 
 
-# Hugging Face model types trained with AdamW instead of the CNNs' SGD recipe (see TrainConfig.optimizer).
-TRANSFORMER_MODEL_TYPES = frozenset({"vit", "deit", "swin", "swinv2", "beit", "dinov2", "convnext", "convnextv2"})
-
 
 def default_train_config(dataset: str, arch: str, hf_config: dict | None = None) -> TrainConfig:
     """Settings that give a well-trained backdoored model (MNIST-5k + small_cnn: ~97-98% clean accuracy);
     Hugging Face transformers get AdamW (lr 1e-3, weight decay 0.05) in place of SGD."""
-    if hf_config is not None and hf_config.get("model_type") in TRANSFORMER_MODEL_TYPES:
+    if hf_config is not None and hf_config.get("model_type") in ADAMW_MODEL_TYPES:
         return replace(default_train_config(dataset, "hf"), optimizer="adamw", lr=1e-3, weight_decay=0.05)
     info = _info(dataset)
     hflip = bool(info["hflip"])

@@ -49,6 +49,9 @@ ALLOWED_MODEL_TYPES: dict[str, tuple[str, str]] = {
     "swin": ("transformer", "layernorm"),
 }
 
+# Model types that train, and fine-tune, with AdamW rather than SGD (train.recipe_for; experiment's training recipe).
+ADAMW_MODEL_TYPES = frozenset({"vit", "deit", "swin", "swinv2", "beit", "dinov2", "convnext", "convnextv2"})
+
 IMAGENET_STANDARD = (0.5, 0.5)  # transformers' default image_mean / image_std when a processor gives none
 
 

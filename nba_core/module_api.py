@@ -28,6 +28,7 @@ from torch import nn
 
 from .data.imageset import ImageSet
 from .errors import INVALID_PARAMS, NBAError
+from .hf_config import ADAMW_MODEL_TYPES
 from .models.base import Normalize
 from .spec import ModelSpec
 
@@ -40,6 +41,10 @@ class ModuleClassifier(nn.Module):
         self.normalize = Normalize(mean, std)
         self.net = module
         self.behavior_layers = tuple(f"net.{n}" for n in behavior_layers)
+        # Fine-tune with AdamW rather than SGD (train.recipe_for): a transformers model of a transformer family, or
+        # a module whose owner set `adamw_recipe = True` on it (e.g. a ViT of their own).
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        self.adamw_recipe = bool(getattr(module, "adamw_recipe", False)) or model_type in ADAMW_MODEL_TYPES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(self.normalize(x))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -85,6 +85,28 @@ class TrainConfig:
     optimizer: str = "sgd"
 
 
+# Transformer families (ViT, DeiT, Swin, ConvNeXt) do not fine-tune with the CNN recipes' SGD: a tiny ViT at SGD
+# lr 0.01-0.1 falls to chance within a few epochs (docs/hf.md). A model that carries `adamw_recipe = True` (the HF
+# wrapper sets it for those families; a Python user may set it on their module) runs every SGD recipe as AdamW:
+# learning rates scaled by ADAMW_LR_SCALE, the ratio between this project's two training recipes (AdamW 1e-3 for
+# transformers vs SGD 0.05 for CNNs), β1 0.9 and the transformers' training weight decay.
+ADAMW_LR_SCALE = 1e-3 / 0.05
+ADAMW_WEIGHT_DECAY = 0.05
+
+
+def uses_adamw_recipe(model: nn.Module) -> bool:
+    return bool(getattr(model, "adamw_recipe", False))
+
+
+def recipe_for(model: nn.Module, cfg: TrainConfig) -> TrainConfig:
+    """`cfg` as `model`'s family fine-tunes: unchanged for CNNs, the AdamW equivalent of an SGD recipe for models
+    with `adamw_recipe` (rule above). Recipes that already name AdamW are left alone."""
+    if cfg.optimizer != "sgd" or not uses_adamw_recipe(model):
+        return cfg
+    return replace(cfg, optimizer="adamw", lr=cfg.lr * ADAMW_LR_SCALE, momentum=0.9,
+                   weight_decay=ADAMW_WEIGHT_DECAY, epoch_lrs=tuple(lr * ADAMW_LR_SCALE for lr in cfg.epoch_lrs))
+
+
 def make_optimizer(params, cfg: TrainConfig, steps: int, steps_per_epoch: int = 1):
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
@@ -126,10 +148,12 @@ def train_classifier(
     stage: str = "train",
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Train `model` in place with SGD on device tensors x (N×C×H×W in [0,1]) and y.
+    """Train `model` in place on device tensors x (N×C×H×W in [0,1]) and y with `cfg` as the model's family
+    runs it (`recipe_for`: SGD for CNNs, its AdamW equivalent for transformer families).
 
     extra_loss(model, xb, yb, logits) adds a term (distillation, regularisers); returns per-epoch logs.
     """
+    cfg = recipe_for(model, cfg)
     device = x.device
     steps_per_epoch = max(1, math.ceil(len(y) / cfg.batch_size))
     opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, cfg.epochs * steps_per_epoch,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..data.imageset import ImageSet
 from ..errors import Cancelled
 from ..models.base import SpecModel
-from ..train import augment, iterate_batches
+from ..train import TrainConfig, augment, iterate_batches, make_optimizer, recipe_for, uses_adamw_recipe
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .finetune import check_range, clean_tensors, working_copy
 
@@ -78,9 +78,15 @@ class FTSAM(Defense):
         x, y = clean_tensors(clean, ctx.device)
         net = working_copy(model, ctx.device)
         params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         total_steps = cfg.epochs * max(1, math.ceil(len(y) / cfg.batch_size))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        if uses_adamw_recipe(net):  # transformer families: the AdamW equivalent of the recipe (train.recipe_for)
+            recipe = recipe_for(net, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+            opt, sched = make_optimizer(params, recipe, total_steps)
+        else:  # the authors': plain (not Nesterov) momentum SGD, cosine-annealed
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
 
         def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(net(xb).float(), yb, label_smoothing=cfg.label_smoothing)

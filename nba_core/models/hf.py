@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import NBAError
 from ..hf_config import HF_MODEL_TOO_LARGE, HFConfigInfo, MAX_PARAMETERS, Preprocessing, check_hf_config, \
-    parse_preprocessor, IMAGENET_STANDARD
+    parse_preprocessor, IMAGENET_STANDARD, ADAMW_MODEL_TYPES
 from ..hf_io import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, check_hf_folder, replace_folder, unpack_hf_zip
 from ..spec import ModelSpec
 from .base import Normalize
@@ -38,6 +38,8 @@ class HFImageClassifier(nn.Module):
         self.normalize = Normalize(mean, std)
         self.hf = hf_model
         self.behavior_layers = tuple(behavior_layers)
+        # Transformer families fine-tune with AdamW, not the CNN recipes' SGD (train.recipe_for).
+        self.adamw_recipe = getattr(hf_model.config, "model_type", None) in ADAMW_MODEL_TYPES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hf(pixel_values=self.normalize(x), return_dict=True).logits

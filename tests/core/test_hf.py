@@ -469,3 +469,41 @@ def test_transformers_train_with_adamw_and_cnns_with_sgd():
     assert isinstance(opt, torch.optim.AdamW)
     with pytest.raises(ValueError):
         make_optimizer(torch.nn.Linear(2, 2).parameters(), TrainConfig(optimizer="lion"), steps=1)
+
+
+def test_transformer_families_fine_tune_with_the_adamw_equivalent_of_every_recipe(tmp_path, monkeypatch):
+    """Every SGD recipe (FT, NAD, NBA's teacher and student, the verdict's reference) runs as its AdamW equivalent on
+    a ViT (a tiny ViT fell to chance at the SGD recipes, docs/hf.md) and unchanged on an HF ResNet or a CNN."""
+    import nba_core.train as train
+    from nba_core.models.hf import build_hf_model, load_hf_model
+    from nba_core.module_api import ModuleClassifier
+    from nba_core.train import ADAMW_LR_SCALE, TrainConfig, recipe_for, train_classifier
+
+    models = {}
+    for name, config in (("vit", TINY_VIT), ("resnet", TINY_RESNET)):
+        build_hf_model(check_hf_config(config)).save_pretrained(tmp_path / name)
+        models[name] = load_hf_model(tmp_path / name, default_input_size=(8, 8)).module
+    nad_like = TrainConfig(lr=0.1, epoch_lrs=(0.1, 0.1, 0.01), weight_decay=5e-4)
+    vit = recipe_for(models["vit"], nad_like)
+    assert vit.optimizer == "adamw" and vit.weight_decay == 0.05 and vit.momentum == 0.9
+    assert vit.lr == pytest.approx(0.1 * ADAMW_LR_SCALE)
+    assert vit.epoch_lrs == pytest.approx((0.1 * ADAMW_LR_SCALE, 0.1 * ADAMW_LR_SCALE, 0.01 * ADAMW_LR_SCALE))
+    assert recipe_for(models["resnet"], nad_like) == nad_like
+    already_adamw = TrainConfig(optimizer="adamw", lr=3e-4)
+    assert recipe_for(models["vit"], already_adamw) == already_adamw
+
+    # A user's own module opts in with an attribute; a plain one keeps SGD.
+    own = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    plain = ModuleClassifier(own, mean=(0.5,), std=(0.5,), behavior_layers=())
+    assert recipe_for(plain, nad_like) == nad_like
+    own.adamw_recipe = True
+    assert recipe_for(ModuleClassifier(own, mean=(0.5,), std=(0.5,), behavior_layers=()), nad_like).optimizer == "adamw"
+
+    # train_classifier (used by every fine-tuning defense) applies the rule itself.
+    seen = []
+    real = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda params, cfg, *a, **k: seen.append(cfg) or real(params, cfg, *a, **k))
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    for name in ("vit", "resnet"):
+        train_classifier(models[name], x, y, TrainConfig(epochs=1, lr=0.1), generator=torch.Generator().manual_seed(0))
+    assert [c.optimizer for c in seen] == ["adamw", "sgd"]
