@@ -75,9 +75,12 @@ def default_spec(dataset: str, arch: str) -> ModelSpec:
 
 def default_train_config(dataset: str, arch: str, hf_config: dict | None = None) -> TrainConfig:
     """Settings that give a well-trained backdoored model (MNIST-5k + small_cnn: ~97-98% clean accuracy);
-    Hugging Face transformers get AdamW (lr 1e-3, weight decay 0.05) in place of SGD."""
+    Hugging Face transformers get AdamW (lr 1e-3, weight decay 0.05) in place of SGD, and three times the epochs:
+    the bench's tiny ViT reached 80.5 % clean accuracy on MNIST-5k after 20 epochs, 95.1 % after 60 (seed 10), and
+    an undertrained model makes every defense's clean-accuracy cost look like the defense's fault."""
     if hf_config is not None and hf_config.get("model_type") in ADAMW_MODEL_TYPES:
-        return replace(default_train_config(dataset, "hf"), optimizer="adamw", lr=1e-3, weight_decay=0.05)
+        base = default_train_config(dataset, "hf")
+        return replace(base, optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=3 * base.epochs)
     info = _info(dataset)
     hflip = bool(info["hflip"])
     shift = 1 if min(info["input_size"]) <= 8 else 2
