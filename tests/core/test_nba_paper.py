@@ -37,7 +37,9 @@ def test_paper_preset_sets_the_papers_loss_terms():
 
 def test_paper_preset_runs_and_keeps_a_classifier():
     model, clean, test, _ = backdoored_digits(rate=0.15)
-    params = {"preset": "paper", "teacher_epochs": 2, "student_epochs": 2, "scan_steps": 5, "uap_steps": 3}
+    # The preset's own epochs (10 + 20): at 2 + 2 epochs its clean accuracy on digits depended on the CPU's float
+    # rounding (0.10-0.27 on an AMD EPYC, > 0.3 before); at its epochs 0.62-0.69 there.
+    params = {"preset": "paper", "scan_steps": 5, "uap_steps": 3}
     ctx = DefenseContext(spec=SPEC, device=torch.device("cpu"), generator=seed_everything(0), seed=0)
     res = get_defense("nba", params).run(model, clean, ctx)
     assert all(torch.isfinite(v.float()).all() for v in res.model.state_dict().values())
