@@ -115,7 +115,8 @@ def load_or_make_backdoor(dataset: str, arch: str, attack: str, seed: int, devic
     from nba_core.device import pick_device, prepare_model
 
     model = prepare_model(model, pick_device(device))
-    return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"], **data)
+    return SimpleNamespace(spec=spec, model=model, target=meta["target"], seconds=meta["seconds"],
+                           attack_params=params, **data)
 
 
 def defense_params(name: str, dataset: str | None = None, arch: str | None = None) -> tuple[str, dict]:
@@ -178,8 +179,8 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
                 "ca_before": before["clean_accuracy"], "asr_before": before["attack_success_rate"],
                 "ra_before": before["robust_accuracy"], "attack_train_seconds": attack_seconds,
                 "clean_subset_size": len(run.clean_subset)}
-        if attack_params_of(arch, attack):
-            base["attack_params"] = attack_params_of(arch, attack)
+        if run.attack_params:
+            base["attack_params"] = run.attack_params
         if name == "none":
             after, seconds, stages = before, 0.0, {}
         else:

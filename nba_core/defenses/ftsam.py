@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..data.imageset import ImageSet
 from ..errors import Cancelled
 from ..models.base import SpecModel
-from ..train import TrainConfig, augment, iterate_batches, make_optimizer, recipe_for, uses_adamw_recipe
+from ..train import TrainConfig, augment, iterate_batches, make_optimizer, recipe_for
 from .base import Defense, DefenseContext, DefenseResult, StageTimer
 from .finetune import check_range, clean_tensors, working_copy
 
@@ -79,9 +79,10 @@ class FTSAM(Defense):
         net = working_copy(model, ctx.device)
         params = [p for p in net.parameters() if p.requires_grad]
         total_steps = cfg.epochs * max(1, math.ceil(len(y) / cfg.batch_size))
-        if uses_adamw_recipe(net):  # transformer families: the AdamW equivalent of the recipe (train.recipe_for)
-            recipe = recipe_for(net, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        # Transformer families get the AdamW equivalent of the recipe; which families is train.recipe_for's rule.
+        recipe = recipe_for(net, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        if recipe.optimizer == "adamw":
             opt, sched = make_optimizer(params, recipe, total_steps)
         else:  # the authors': plain (not Nesterov) momentum SGD, cosine-annealed
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
