@@ -120,3 +120,30 @@ def test_verdict_stability_refuses_reported_seeds_and_counts_flips():
     table = vs.summarize(rows)
     assert table[2].startswith("| 1 | 2 | 1 |") and "| 1/2 |" in table[2]
     assert table[3].startswith("| 2 | 2 | 0 |") and "| 2/2 |" in table[3]
+
+
+def _detection_rows():
+    """Two benign models (one flipping between scan seeds, one flagged) and one backdoored model cleaned by NBA."""
+    def before(kind, seed, scan_seed, status, score, backdoored):
+        return {"dataset": "fmnist", "kind": kind, "seed": seed, "defense": "none", "scan_seed": scan_seed,
+                "truth": {"backdoored": backdoored, "targets": [0] if backdoored else [], "pairs": []},
+                "asr_before": 1.0 if backdoored else 0.01, "ca_before": 0.9, "verdict_seconds": 10.0,
+                "verdict": {"status": status, "score": score, "targets": [0] if status == "suspected" else [],
+                            "pairs": []}}
+    rows = [before("none", 0, 0, "not_suspected", 0.5, False), before("none", 0, 1, "suspected", 1.2, False),
+            before("none", 1, 0, "suspected", 1.1, False), before("badnets", 0, 0, "suspected", 2.0, True)]
+    rows.append(rows[-1] | {"defense": "nba", "asr_after": 0.01, "ca_after": 0.88,
+                            "verdict": {"status": "not_suspected", "score": 0.3, "targets": [], "pairs": []}})
+    return rows
+
+
+def test_detection_summary_counts_false_alarms_flips_and_after_agreement(tmp_path):
+    from bench.detection import summarize, write_report
+
+    s = summarize(_detection_rows())
+    assert s["benign_fpr"] == 0.5 and s["flip_rate"] == 1.0 and s["auroc_before"] == 1.0
+    assert s["after_not_suspected_when_asr_le_5"] == (1, 1)
+    assert s["per_defense"]["nba"]["ca_drop"] == [2.0]
+    prov = {"commit": "abc", "dirty": False, "when": "now", "machine": {"platform": "p", "torch": "t"}}
+    write_report(_detection_rows(), tmp_path, prov, {"command": "x"}, "detection_fmnist", "fmnist")
+    assert "Fashion-MNIST" in (tmp_path / "detection_fmnist.md").read_text()
