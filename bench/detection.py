@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Regenerate the trigger-free verdict's detection table.")
     p.add_argument("--kinds", nargs="+", default=[k for k in KINDS if k != "none"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--benign-seeds", nargs="+", type=int, default=list(range(10)))
+    p.add_argument("--benign-seeds", nargs="*", type=int, default=list(range(10)),
+                   help="benign models (none: only the backdoored kinds, e.g. to extend a slice)")
     p.add_argument("--defenses", nargs="+", default=["ft", "nad", "nba", "ft:epochs=1,lr=0.001"],
                    help="methods, optionally with params (ft:epochs=1,lr=0.001 leaves the backdoor on purpose)")
     p.add_argument("--scan-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
