@@ -186,7 +186,8 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Regenerate the trigger-free verdict's detection table.")
-    p.add_argument("--kinds", nargs="+", default=[k for k in KINDS if k != "none"])
+    p.add_argument("--kinds", nargs="*", default=[k for k in KINDS if k != "none"],
+                   help="backdoored kinds (none: only the benign models)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--benign-seeds", nargs="*", type=int, default=list(range(10)),
                    help="benign models (none: only the backdoored kinds, e.g. to extend a slice)")
