@@ -1,0 +1,45 @@
+"""NBA on all-to-all BadNets, tuning seeds only: its default against re-optimising the suspect triggers (on these
+models: the verdict's label-shift trigger) against the student every 5 or 2 epochs. One JSON row per (seed, variant).
+
+    python -m bench.all2all_refresh_tuning docs/benchmarks/nba_all2all_refresh_tuning.jsonl 10 11
+"""
+import json
+import sys
+import time
+
+import torch
+
+from bench.detect_models import load_or_make
+from nba_core.defenses import get_defense
+from nba_core.defenses.base import DefenseContext
+from nba_core.device import pick_device, seed_everything
+from nba_core.metrics import clean_accuracy
+from nba_core.verdict import VerdictSession
+
+VARIANTS = {"default": {}, "refresh5": {"refresh_every": 5}, "refresh2": {"refresh_every": 2}}
+TUNING_SEEDS = range(10, 20)
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = open(sys.argv[1], "a")
+    for seed in map(int, sys.argv[2:]):
+        if seed not in TUNING_SEEDS:
+            raise SystemExit(f"seed {seed} is not a tuning seed ({TUNING_SEEDS.start}-{TUNING_SEEDS.stop - 1})")
+        r = load_or_make("badnets_all2all", seed)
+        session = VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=10, seed=0)
+        verdict, scan = session.judge(r.model)
+        ca0 = clean_accuracy(r.model, r.test.x, r.test.y)
+        for name, params in VARIANTS.items():
+            ctx = DefenseContext(spec=r.spec, device=pick_device("cpu"), generator=seed_everything(seed), seed=seed,
+                                 hflip=False, verdict=(verdict, scan))
+            t0 = time.time()
+            res = get_defense("nba", params).run(r.model, r.clean, ctx)
+            secs = time.time() - t0
+            after, _ = session.judge(res.model)
+            row = {"seed": seed, "variant": name, "params": params, "asr_before": r.asr(r.model),
+                   "verdict_before": verdict.status, "pairs_before": len(verdict.pairs), "asr": r.asr(res.model),
+                   "ca_drop": 100 * (ca0 - clean_accuracy(res.model, r.test.x, r.test.y)), "after": after.status,
+                   "after_score": after.score, "seconds": secs}
+            print(row, flush=True)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
