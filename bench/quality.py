@@ -196,6 +196,9 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
             if uses_verdict:
                 seconds += verdict_seconds
                 stages = {"verdict": verdict_seconds, **stages}
+                v = verdict[0]  # recorded so a table also shows what the trigger-free verdict said of each model
+                base["verdict_before"] = {"status": v.status, "targets": v.targets, "pairs": v.pairs,
+                                          "score": round(v.score, 3)}
             after = evaluate_with_trigger(result.model, test.x, test.y, trig.x, trig.y, target)
         rows.append(base | {
             "ca_after": after["clean_accuracy"], "asr_after": after["attack_success_rate"],

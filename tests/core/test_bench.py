@@ -147,3 +147,16 @@ def test_detection_summary_counts_false_alarms_flips_and_after_agreement(tmp_pat
     prov = {"commit": "abc", "dirty": False, "when": "now", "machine": {"platform": "p", "torch": "t"}}
     write_report(_detection_rows(), tmp_path, prov, {"command": "x"}, "detection_fmnist", "fmnist")
     assert "Fashion-MNIST" in (tmp_path / "detection_fmnist.md").read_text()
+
+
+def test_quality_rows_of_nba_carry_the_before_verdict_it_was_handed(tmp_path, monkeypatch):
+    """A quality table's NBA rows say what the trigger-free verdict said of the model (the other rows need none)."""
+    import bench.quality as quality
+
+    monkeypatch.setattr(quality, "CACHE_DIR", tmp_path / "cache")
+    rows = quality.run_unit("digits", "small_cnn", "badnets", 0,
+                            ("none", "nba:teacher_epochs=1,student_epochs=1"), "cpu", 1)
+    by = {r["defense"]: r for r in rows}
+    v = by["nba:teacher_epochs=1,student_epochs=1"]["verdict_before"]
+    assert v["status"] in ("suspected", "not_suspected", "inconclusive") and isinstance(v["targets"], list)
+    assert "verdict_before" not in by["none"]
