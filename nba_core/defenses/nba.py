@@ -55,6 +55,11 @@ class NBAConfig:
                             "is handed over (class_scan)")
     scan_batch: int = param(SCAN["batch_size"], "images per row per step of that trigger scan")
     top_k: int = param(1, "when the verdict flags nothing: how many classes (by patch score) get pseudo triggers")
+    # A label-shift backdoor is opened by many triggers, and the scan's one smallest shift trigger is only one of
+    # them (all-to-all BadNets: 24 % ASR left on one model). pair_patches also stamps the patch trigger found for
+    # every class a flagged pair lands in and aims a universal δ at each of them.
+    pair_patches: bool = param(False, "when label-shift pairs are flagged: also the patch trigger and a universal "
+                               "perturbation of every class they land in")
     refresh_every: int = param(0, "epochs between re-optimising the suspect triggers against the student (0 = never)")
     refresh_steps: int = param(10, "optimisation steps of each trigger refresh")
     eps: float = param(0.1, "L-infinity bound (pixels) of the per-sample / universal perturbation")
@@ -138,15 +143,20 @@ class Suspects:
     delta_classes: list[int]
 
     @classmethod
-    def from_verdict(cls, verdict: Verdict, scan: ModelScan, *, top_k: int = 1, uap_top_k: int = 1) -> "Suspects":
+    def from_verdict(cls, verdict: Verdict, scan: ModelScan, *, top_k: int = 1, uap_top_k: int = 1,
+                     pair_patches: bool = False) -> "Suspects":
         k = scan.num_classes
         patch = list(verdict.targets)
+        landing = sorted({t for _, t in verdict.pairs} - set(patch)) if pair_patches else []
+        patch += landing
         if not verdict.targets and not verdict.pairs:  # nothing flagged: the most suspicious anyway
             patch = sorted(range(k), key=lambda c: -verdict.scores["patch"][c])[:top_k]
         # The global δ: every class the global rows flag, else the uap_top_k most global-suspicious (validated
         # default: one δ always, which covers blends/warps whose global score stays under the threshold).
         glob = [c for c in verdict.targets if verdict.scores["global"][c] >= 1] or sorted(
             range(k), key=lambda c: -verdict.scores["global"][c])[:uap_top_k]
+        if uap_top_k > 0:  # 0: the caller switched the δ off (pseudo="class_scan")
+            glob += [c for c in landing if c not in glob]
         rows = list(patch) + ([k] if verdict.pairs else [])
         return cls(masks=scan.masks[rows], patterns=scan.patterns[rows], classes=list(patch) + [-1] * bool(verdict.pairs),
                    deltas=scan.deltas[glob] if glob else scan.deltas[:0], delta_classes=list(glob))
@@ -375,7 +385,8 @@ class NBA(Defense):
                     verdict = Verdict(verdict.status, [t for t in verdict.targets if verdict.scores["patch"][t] >= 1],
                                       verdict.pairs, verdict.score, verdict.scores)
                 suspects = Suspects.from_verdict(verdict, scan, top_k=cfg.top_k,
-                                                 uap_top_k=cfg.uap_top_k if cfg.pseudo != "class_scan" else 0)
+                                                 uap_top_k=cfg.uap_top_k if cfg.pseudo != "class_scan" else 0,
+                                                 pair_patches=cfg.pair_patches)
                 info["suspect_classes"] = suspects.classes
                 info["uap_suspects"] = suspects.delta_classes
                 pseudo = _ClassScanPseudo(suspects, x_fit, y_fit, cfg, ctx.generator, ctx.should_cancel)

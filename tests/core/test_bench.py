@@ -160,3 +160,31 @@ def test_quality_rows_of_nba_carry_the_before_verdict_it_was_handed(tmp_path, mo
     v = by["nba:teacher_epochs=1,student_epochs=1"]["verdict_before"]
     assert v["status"] in ("suspected", "not_suspected", "inconclusive") and isinstance(v["targets"], list)
     assert "verdict_before" not in by["none"]
+
+
+def test_few_clean_subset_is_stratified_and_the_goal_is_judged_at_the_worst_run(tmp_path):
+    import numpy as np
+
+    from bench.few_clean import stratified_take, summarize, write_report
+
+    y = np.repeat(np.arange(10), 20)
+    idx = stratified_take(y, 50, 10, seed=3)
+    assert len(idx) == 50 and np.bincount(y[idx], minlength=10).tolist() == [5] * 10
+    assert np.array_equal(idx, stratified_take(y, 50, 10, seed=3))  # the same model seed: the same images
+    assert not np.array_equal(idx, stratified_take(y, 50, 10, seed=4))
+    with pytest.raises(ValueError, match="class 9"):
+        stratified_take(y[y != 9], 50, 10, seed=0)
+
+    def row(s, asr, drop):
+        v = {"status": "not_suspected", "targets": [], "score": 0.3}
+        return {"kind": "badnets", "seed": 0, "n_clean": 50, "sanitize_seed": s, "asr_before": 1.0,
+                "ca_before": 0.98, "asr_after": asr, "ca_after": 0.98 - drop / 100, "ca_drop_points": drop,
+                "verdict_before": v | {"status": "suspected", "targets": [0]}, "verdict_after": v, "seconds": 1.0}
+
+    good = [row(s, 0.005, 1.0) for s in range(4)]
+    assert summarize(good)[0]["goal_met"]
+    one_bad = good[:3] + [row(3, 0.03, 1.0)]  # mean 1.1 % ASR would pass; the worst run (3 %) does not
+    (s,) = summarize(one_bad)
+    assert not s["goal_met"] and s["asr_worst"] == 0.03 and s["runs"] == 4 and s["before_suspected"] == 4
+    write_report(one_bad, tmp_path, {"commit": "abc", "machine": {}, "when": "now"})
+    assert "**not met**" in (tmp_path / "few_clean.md").read_text()

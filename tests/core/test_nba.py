@@ -133,3 +133,28 @@ def test_reduces_asr_and_keeps_accuracy(setup):
     ca = clean_accuracy(res.model, test.x, test.y)
     assert asr0 > 0.9 and asr < 0.5 * asr0
     assert ca > ca0 - 0.15
+
+
+def _label_shift_scan_and_verdict(k=4):
+    """A 4-class scan whose verdict flags two label-shift pairs (0→1, 2→3) and no all-to-one target."""
+    from nba_core.verdict import ModelScan, Verdict
+
+    scan = ModelScan(patch_l1=[5.0] * k, shift_l1=3.0, source_lands=[1, 2, 3, 0], source_land_share=[0.9] * k,
+                     global_success=[0.1] * k, masks=torch.rand(k + 1, 1, 8, 8), patterns=torch.rand(k + 1, 1, 8, 8),
+                     deltas=torch.rand(k, 1, 8, 8))
+    scores = {"patch": [0.1, 0.4, 0.2, 0.3], "global": [0.5, 0.2, 0.9, 0.1], "shift": [0.0] * k}
+    return scan, Verdict(status="suspected", targets=[], pairs=[[0, 1], [2, 3]], score=2.0, scores=scores)
+
+
+def test_label_shift_suspects_add_every_landing_class_only_when_asked():
+    from nba_core.defenses.nba import Suspects
+
+    scan, verdict = _label_shift_scan_and_verdict()
+    plain = Suspects.from_verdict(verdict, scan)
+    assert plain.classes == [-1] and plain.delta_classes == [2]  # the shift trigger and the top global class
+    both = Suspects.from_verdict(verdict, scan, pair_patches=True)
+    assert both.classes == [1, 3, -1]  # each pair's landing class gets its patch trigger, then the shift trigger
+    assert torch.equal(both.masks[0], scan.masks[1]) and torch.equal(both.masks[2], scan.masks[4])
+    assert both.delta_classes == [2, 1, 3] and torch.equal(both.deltas[1], scan.deltas[1])
+    no_delta = Suspects.from_verdict(verdict, scan, uap_top_k=0, pair_patches=True)
+    assert no_delta.delta_classes == []  # pseudo="class_scan" switches the δ off, landing classes included
