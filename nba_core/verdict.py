@@ -53,6 +53,10 @@ THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0}
 MIN_LAND_SHARE = 0.5  # a source joins the label-shift pattern when the shift trigger sends most of it to one class
 INCONCLUSIVE_BAND = 0.8  # a model score in [0.8, 1) is "inconclusive": too close to call
 MIN_PER_CLASS = 2  # fewer clean images of some class than this: the scan cannot be trusted -> inconclusive
+# Fewer clean images than this per class on average: the reference, fine-tuned on so few, keeps the backdoor
+# (MNIST-5k BadNets, 50 images: 100 % of it after 30, 120 and 240 epochs; 200 images: broken) and hides the
+# target, so nothing flagged means nothing -> inconclusive (a flagged class still counts). bench.few_clean.
+MIN_MEAN_PER_CLASS = 10
 MAX_IMAGES = 1000  # larger clean sets are subsampled for the scan
 SR_CLIP = 0.02  # success rates are clipped to [SR_CLIP, 1 - SR_CLIP] before the logit
 
@@ -268,6 +272,10 @@ def data_problem(y, num_classes: int) -> str | None:
     if counts.min() < MIN_PER_CLASS:
         return (f"too few clean images to scan every class (the smallest class has {int(counts.min())}, "
                 f"at least {MIN_PER_CLASS} needed)")
+    if len(counts) and counts.sum() < MIN_MEAN_PER_CLASS * num_classes:
+        return (f"too few clean images to clear a model ({int(counts.sum())}; at least {MIN_MEAN_PER_CLASS * num_classes}, "
+                f"{MIN_MEAN_PER_CLASS} per class): a benign reference fine-tuned on so few keeps a backdoor, so finding "
+                "nothing proves nothing")
     return None
 
 

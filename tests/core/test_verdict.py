@@ -61,7 +61,10 @@ def test_global_trigger_and_inconclusive_band():
     near = judge(_scan(patch=[NATURAL[0] / 2.4] + NATURAL[1:]), ref)  # log(2.4) = 0.88 of the threshold
     assert near.status == INCONCLUSIVE and near.targets == []
     assert judge(_scan(), ref, too_little_data="too few").status == INCONCLUSIVE
-    assert data_problem(np.array([0, 0, 1]), 3) is not None and data_problem(np.repeat(np.arange(3), 2), 3) is None
+    assert data_problem(np.array([0, 0, 1]), 3) is not None and data_problem(np.repeat(np.arange(3), 10), 3) is None
+    # Every class present but 5 per class (50 images for 10 classes): too few for a reference to lose a backdoor.
+    few = data_problem(np.repeat(np.arange(10), 5), 10)
+    assert few is not None and "at least 100" in few and data_problem(np.repeat(np.arange(10), 10), 10) is None
 
 
 def test_wilson_interval():
