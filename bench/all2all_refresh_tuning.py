@@ -4,6 +4,8 @@ or 2 epochs, or also unlearning the patch trigger and δ of every class a flagge
 One JSON row per (seed, variant).
 
     python -m bench.all2all_refresh_tuning docs/benchmarks/nba_all2all_refresh_tuning.jsonl 10 11 [--variants default pairs]
+
+Rows named "default" before pair_patches became the default (commits 53c25c7, 3d5851d) are "no_pairs" today.
 """
 import argparse
 import json
@@ -19,7 +21,7 @@ from nba_core.metrics import clean_accuracy
 from nba_core.verdict import VerdictSession
 
 VARIANTS = {"default": {}, "refresh5": {"refresh_every": 5}, "refresh2": {"refresh_every": 2},
-            "pairs": {"pair_patches": True}}
+            "pairs": {"pair_patches": True}, "no_pairs": {"pair_patches": False}}
 TUNING_SEEDS = range(10, 20)
 
 if __name__ == "__main__":

@@ -57,8 +57,10 @@ class NBAConfig:
     top_k: int = param(1, "when the verdict flags nothing: how many classes (by patch score) get pseudo triggers")
     # A label-shift backdoor is opened by many triggers, and the scan's one smallest shift trigger is only one of
     # them (all-to-all BadNets: 24 % ASR left on one model). pair_patches also stamps the patch trigger found for
-    # every class a flagged pair lands in and aims a universal δ at each of them.
-    pair_patches: bool = param(False, "when label-shift pairs are flagged: also the patch trigger and a universal "
+    # every class a flagged pair lands in and aims a universal δ at each of them. Tuning seeds 10-13 (all-to-all
+    # BadNets; docs/benchmarks/nba_all2all_refresh_tuning.jsonl): ASR left 4.0/1.6/14.3/17.3 % -> 1.6/0.7/3.0/4.3 %
+    # at CA drops 0.8/3.3/0.7/0.1 -> 0.2/2.4/0.8/0.3. Models without flagged pairs are untouched by it.
+    pair_patches: bool = param(True, "when label-shift pairs are flagged: also the patch trigger and a universal "
                                "perturbation of every class they land in")
     refresh_every: int = param(0, "epochs between re-optimising the suspect triggers against the student (0 = never)")
     refresh_steps: int = param(10, "optimisation steps of each trigger refresh")
