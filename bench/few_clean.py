@@ -65,7 +65,15 @@ def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str) -> di
     return {"kind": kind, "seed": seed, "n_clean": n, "sanitize_seed": sanitize_seed, "asr_before": r.asr(r.model),
             "ca_before": ca_before, "asr_after": r.asr(result.model), "ca_after": ca_after,
             "ca_drop_points": 100 * (ca_before - ca_after), "verdict_before": verdict.to_dict(),
-            "verdict_after": after.to_dict(), "seconds": seconds, "commit": commit}
+            "verdict_after": after.to_dict(), "raw_before": raw_status(verdict.to_dict()),
+            "raw_after": raw_status(after.to_dict()), "seconds": seconds, "commit": commit}
+
+
+def raw_status(v: dict) -> str:
+    """The status the verdict's scores give before the too-few-images rule turns a clear into 'inconclusive'."""
+    if v["targets"] or v["pairs"]:
+        return "suspected"
+    return "inconclusive" if v["score"] >= 0.8 else "not_suspected"
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -109,8 +117,8 @@ def write_report(rows: list[dict], out: Path, prov: dict, stem: str = "few_clean
         vb, va = r["verdict_before"], r["verdict_after"]
         lines.append(f"| {r['kind']} | {r['seed']} | {r['n_clean']} | {r['sanitize_seed']} | "
                      f"{100 * r['asr_before']:.1f} → {100 * r['asr_after']:.1f} % | {100 * r['ca_before']:.1f} → "
-                     f"{100 * r['ca_after']:.1f} | {vb['status']} {vb['targets'] or ''} → {va['status']} "
-                     f"({va['score']:.2f}) | {r['seconds']:.0f} |")
+                     f"{100 * r['ca_after']:.1f} | {vb['status']} {vb['targets'] or ''} ({vb['score']:.2f}) → "
+                     f"{va['status']} ({va['score']:.2f}) | {r['seconds']:.0f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
