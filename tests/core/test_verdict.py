@@ -140,3 +140,29 @@ def test_a_clear_loss_of_clean_accuracy_is_a_warning():
     assert warnings_for(report(0.98, 0.96, n=1000)) == []  # a small cost is the usual price of cleaning
     assert warnings_for(report(0.90, 0.80, n=20)) == []  # 10 points on 20 images: within the noise
     assert len(warnings_for(report(0.90, 0.80))) == 1  # no interval (accuracy on D): the drop alone decides
+
+
+def test_the_reference_is_shrunk_and_perturbed_only_when_the_clean_set_is_small(monkeypatch):
+    """Few images per class: fine-tuning alone keeps a backdoor, so the reference starts from λ·W + σ·noise."""
+    import nba_core.verdict as verdict_module
+    from nba_core.verdict import FEW_IMAGES_SHRINK, VerdictSession, train_reference
+
+    seen = []
+    monkeypatch.setattr(verdict_module, "train_reference", lambda model, x, y, **kw: seen.append(kw["shrink"]) or model)
+    monkeypatch.setattr(VerdictSession, "scan", lambda self, model, on_step=None: None)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, K))
+    for per_class in (5, 10):
+        y = np.repeat(np.arange(K), per_class)
+        VerdictSession(model, np.random.rand(len(y), 1, 4, 4).astype(np.float32), y, num_classes=K)
+    assert seen == [FEW_IMAGES_SHRINK, None]
+
+    # The shrink itself: weight matrices scaled (and seeded noise added), biases kept, the caller's model untouched.
+    monkeypatch.setattr(verdict_module, "REFERENCE", {**verdict_module.REFERENCE, "epochs": 1, "lr": 0.0})
+    w0, b0 = model[1].weight.clone(), model[1].bias.clone()
+    x, y = np.random.rand(20, 1, 4, 4).astype(np.float32), np.arange(20) % K
+    monkeypatch.setattr(verdict_module, "REFERENCE_MIN_ACC", 0.0)
+    ref = train_reference(model, x, y, seed=0, shrink={"shrink": 0.5, "noise": 0.0})
+    assert torch.allclose(ref[1].weight, 0.5 * w0) and torch.equal(ref[1].bias, b0)
+    assert torch.equal(model[1].weight, w0)
+    noisy = [train_reference(model, x, y, seed=0, shrink={"shrink": 0.5, "noise": 0.01})[1].weight for _ in range(2)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.allclose(noisy[0], 0.5 * w0)
