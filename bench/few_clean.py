@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import OUT_DIR, RowLog, provenance
+from .common import OUT_DIR, RowLog, parse_overrides, provenance
 from .detect_models import load_or_make
 
-KEY = ("kind", "seed", "n_clean", "sanitize_seed")
+KEY = ("kind", "seed", "n_clean", "sanitize_seed", "params")
 GOAL_ASR, GOAL_CA_DROP = 0.02, 2.0  # the issue's goal for NBA on 50 clean images
 
 
@@ -38,7 +38,7 @@ def stratified_take(y: np.ndarray, n: int, num_classes: int, seed: int) -> np.nd
     return np.sort(np.concatenate(picked))
 
 
-def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str) -> dict:
+def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str, params: str = "") -> dict:
     import torch
 
     from nba_core.defenses import get_defense
@@ -58,11 +58,11 @@ def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str) -> di
     verdict, scan = session.judge(r.model)
     ctx = DefenseContext(spec=r.spec, device=pick_device("cpu"), generator=seed_everything(sanitize_seed),
                          seed=sanitize_seed, hflip=r.spec.in_channels == 3, verdict=(verdict, scan))
-    result = get_defense("nba").run(r.model, clean, ctx)
+    result = get_defense("nba", parse_overrides(params)).run(r.model, clean, ctx)
     after, _ = session.judge(result.model)
     seconds = time.perf_counter() - t0
     ca_after = clean_accuracy(result.model, r.test.x, r.test.y)
-    return {"kind": kind, "seed": seed, "n_clean": n, "sanitize_seed": sanitize_seed, "asr_before": r.asr(r.model),
+    return {"kind": kind, "seed": seed, "n_clean": n, "sanitize_seed": sanitize_seed, "params": params, "asr_before": r.asr(r.model),
             "ca_before": ca_before, "asr_after": r.asr(result.model), "ca_after": ca_after,
             "ca_drop_points": 100 * (ca_before - ca_after), "verdict_before": verdict.to_dict(),
             "verdict_after": after.to_dict(), "raw_before": raw_status(verdict.to_dict()),
@@ -80,12 +80,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per (kind, n): the mean and the WORST over models and sanitize seeds, and whether the goal holds."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["kind"], r["n_clean"]), []).append(r)
+        groups.setdefault((r["kind"], r["n_clean"], r.get("params", "")), []).append(r)
     out = []
-    for (kind, n), rs in sorted(groups.items()):
+    for (kind, n, params), rs in sorted(groups.items()):
         asr = [r["asr_after"] for r in rs]
         drop = [r["ca_drop_points"] for r in rs]
-        out.append({"kind": kind, "n_clean": n, "runs": len(rs), "models": len({r["seed"] for r in rs}),
+        out.append({"kind": kind, "n_clean": n, "params": params, "runs": len(rs), "models": len({r["seed"] for r in rs}),
                     "asr_mean": float(np.mean(asr)), "asr_worst": max(asr),
                     "ca_drop_mean": float(np.mean(drop)), "ca_drop_worst": max(drop),
                     "after_not_suspected": sum(r["verdict_after"]["status"] == "not_suspected" for r in rs),
@@ -104,18 +104,18 @@ def write_report(rows: list[dict], out: Path, prov: dict, stem: str = "few_clean
              "(stratified, drawn with the model seed); verdict and NBA (defaults) on those n images only, as a job "
              f"would; several sanitize seeds per model. Goal: ASR ≤ {100 * GOAL_ASR:.0f} % and CA drop ≤ "
              f"{GOAL_CA_DROP:.0f} points at the **worst** run.", "",
-             "| attack | n | models × seeds | ASR after mean / worst | CA drop mean / worst | before suspected | "
-             "after not suspected | goal |", "|---|---|---|---|---|---|---|---|"]
+             "| attack | n | NBA params | models × seeds | ASR after mean / worst | CA drop mean / worst | before suspected | "
+             "after not suspected | goal |", "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['kind']} | {s['n_clean']} | {s['runs']} ({s['models']} models) | "
+        lines.append(f"| {s['kind']} | {s['n_clean']} | {s['params'] or 'defaults'} | {s['runs']} ({s['models']} models) | "
                      f"{100 * s['asr_mean']:.1f} / {100 * s['asr_worst']:.1f} % | {s['ca_drop_mean']:.2f} / "
                      f"{s['ca_drop_worst']:.2f} | {s['before_suspected']}/{s['runs']} | "
                      f"{s['after_not_suspected']}/{s['runs']} | {'met' if s['goal_met'] else '**not met**'} |")
-    lines += ["", "## Runs", "", "| attack | seed | n | sanitize seed | ASR before → after | CA before → after | "
-              "verdict before → after | s |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["kind"], r["n_clean"], r["seed"], r["sanitize_seed"])):
+    lines += ["", "## Runs", "", "| attack | seed | n | NBA params | sanitize seed | ASR before → after | CA before → after | "
+              "verdict before → after | s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kind"], r["n_clean"], r.get("params", ""), r["seed"], r["sanitize_seed"])):
         vb, va = r["verdict_before"], r["verdict_after"]
-        lines.append(f"| {r['kind']} | {r['seed']} | {r['n_clean']} | {r['sanitize_seed']} | "
+        lines.append(f"| {r['kind']} | {r['seed']} | {r['n_clean']} | {r.get('params') or 'defaults'} | {r['sanitize_seed']} | "
                      f"{100 * r['asr_before']:.1f} → {100 * r['asr_after']:.1f} % | {100 * r['ca_before']:.1f} → "
                      f"{100 * r['ca_after']:.1f} | {vb['status']} {vb['targets'] or ''} ({vb['score']:.2f}) → "
                      f"{va['status']} ({va['score']:.2f}) | {r['seconds']:.0f} |")
@@ -130,15 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sanitize-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--stem", default="few_clean")
+    p.add_argument("--params", default="", help="NBA parameter overrides, e.g. min_student_images=4000")
     args = p.parse_args(argv)
     prov = provenance()
     log = RowLog(args.out / f"{args.stem}.jsonl", KEY)
     for kind in args.kinds:
         for seed in args.seeds:
             for s in args.sanitize_seeds:
-                if log.has(kind=kind, seed=seed, n_clean=args.n, sanitize_seed=s):
+                if log.has(kind=kind, seed=seed, n_clean=args.n, sanitize_seed=s, params=args.params):
                     continue
-                row = run_one(kind, seed, args.n, s, prov["commit"])
+                row = run_one(kind, seed, args.n, s, prov["commit"], args.params)
                 log.add(row)
                 print(f"{kind} seed {seed} sanitize seed {s}: ASR {100 * row['asr_after']:.1f} %, CA drop "
                       f"{row['ca_drop_points']:.2f}, after {row['verdict_after']['status']}", flush=True)

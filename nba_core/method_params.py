@@ -112,7 +112,7 @@ PARAMS: dict[str, dict[str, Param]] = {
             "refresh_steps": STEPS, "eps": _f(0.0, 1.0), "scan_eps": _f(0.0, 1.0), "uap_top_k": _i(1, 1000),
             "uap_steps": STEPS, "stack_delta": BOOL, "pair_patches": BOOL, "pseudo_steps": _i(0, 1000), "beta": WEIGHT,
             "gamma": WEIGHT, "kl_weight": WEIGHT, "pseudo_ce": WEIGHT, "suspect_kd": WEIGHT, "teacher_kd": WEIGHT,
-            "kd_temperature": _f(0.1, 100.0), "student_epochs": EPOCHS, "student_lr": LR,
+            "kd_temperature": _f(0.1, 100.0), "student_epochs": EPOCHS, "min_student_images": _i(0, 10_000_000), "student_lr": LR,
             "student_shift": SHIFT, "batch_size": BATCH, "pseudo_mix": BOOL, "holdout_fraction": _f(0.0, 0.89)},
 }
 

@@ -158,3 +158,18 @@ def test_label_shift_suspects_add_every_landing_class_only_when_asked():
     assert both.delta_classes == [2, 1, 3] and torch.equal(both.deltas[1], scan.deltas[1])
     no_delta = Suspects.from_verdict(verdict, scan, uap_top_k=0, pair_patches=True)
     assert no_delta.delta_classes == []  # pseudo="class_scan" switches the δ off, landing classes included
+
+
+def test_a_small_clean_set_gets_more_student_epochs_unless_the_user_set_them(setup):
+    """The defaults were validated at 4,000 images seen (20 epochs on 200); 50 images get 80 epochs."""
+    import numpy as np
+
+    model, clean, _, _ = setup
+    small = clean.subset(np.arange(50))
+    fast = {"teacher_epochs": 1, "scan_steps": 3, "uap_steps": 2}
+    res = get_defense("nba", {**fast, "min_student_images": 200}).run(model, small, _ctx())
+    assert res.info["student_epochs"] == 20  # max(20, 200 / 50)
+    res = get_defense("nba", {**fast, "min_student_images": 2000}).run(model, small, _ctx())
+    assert res.info["student_epochs"] == 40 and res.info["chosen_epoch"] == 40
+    assert get_defense("nba", {"student_epochs": 2}).config.min_student_images == 0
+    assert get_defense("nba").config.min_student_images == 4000
