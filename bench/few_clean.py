@@ -124,7 +124,7 @@ def write_report(rows: list[dict], out: Path, prov: dict, stem: str = "few_clean
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", nargs="+", default=["badnets", "blended"])
+    p.add_argument("--kinds", nargs="*", default=["badnets", "blended"], help="none given: only rewrite the report")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--n", type=int, default=50, help="clean images the defender has")
     p.add_argument("--sanitize-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
