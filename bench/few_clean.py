@@ -51,7 +51,7 @@ def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str, param
     r = load_or_make(kind, seed)
     k = r.spec.num_classes
     # The subset depends on the model seed only: the sanitize seeds vary the job, not the user's data.
-    clean = r.clean.subset(stratified_take(np.asarray(r.clean.y), n, k, seed))
+    clean = r.clean if n <= 0 else r.clean.subset(stratified_take(np.asarray(r.clean.y), n, k, seed))
     ca_before = clean_accuracy(r.model, r.test.x, r.test.y)
     t0 = time.perf_counter()
     session = VerdictSession(r.model, clean.x, clean.y, num_classes=k, seed=sanitize_seed)
@@ -62,7 +62,7 @@ def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str, param
     after, _ = session.judge(result.model)
     seconds = time.perf_counter() - t0
     ca_after = clean_accuracy(result.model, r.test.x, r.test.y)
-    return {"kind": kind, "seed": seed, "n_clean": n, "sanitize_seed": sanitize_seed, "params": params, "asr_before": r.asr(r.model),
+    return {"kind": kind, "seed": seed, "n_clean": len(clean), "n_requested": n, "sanitize_seed": sanitize_seed, "params": params, "asr_before": r.asr(r.model),
             "ca_before": ca_before, "asr_after": r.asr(result.model), "ca_after": ca_after,
             "ca_drop_points": 100 * (ca_before - ca_after), "verdict_before": verdict.to_dict(),
             "verdict_after": after.to_dict(), "raw_before": raw_status(verdict.to_dict()),
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="*", default=["badnets", "blended"], help="none given: only rewrite the report")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--n", type=int, default=50, help="clean images the defender has")
+    p.add_argument("--n", type=int, default=50, help="clean images the defender has (0: the whole clean subset, "
+                   "to measure the spread over sanitize seeds at the bench's size)")
     p.add_argument("--sanitize-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--stem", default="few_clean")
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         for seed in args.seeds:
             for s in args.sanitize_seeds:
-                if log.has(kind=kind, seed=seed, n_clean=args.n, sanitize_seed=s, params=args.params):
+                if any((r["kind"], r["seed"], r.get("n_requested", r["n_clean"]), r["sanitize_seed"],
+                        r.get("params", "")) == (kind, seed, args.n, s, args.params) for r in log.rows):
                     continue
                 row = run_one(kind, seed, args.n, s, prov["commit"], args.params)
                 log.add(row)
