@@ -20,7 +20,7 @@ import numpy as np
 from .common import OUT_DIR, RowLog, parse_overrides, provenance
 from .detect_models import load_or_make
 
-KEY = ("kind", "seed", "n_clean", "sanitize_seed", "params")
+KEY = ("kind", "seed", "n_requested", "sanitize_seed", "params")  # n_requested 0: the whole clean subset
 GOAL_ASR, GOAL_CA_DROP = 0.02, 2.0  # the goal for NBA on 50 clean images
 
 
@@ -62,11 +62,12 @@ def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str, param
     after, _ = session.judge(result.model)
     seconds = time.perf_counter() - t0
     ca_after = clean_accuracy(result.model, r.test.x, r.test.y)
-    return {"kind": kind, "seed": seed, "n_clean": len(clean), "n_requested": n, "sanitize_seed": sanitize_seed, "params": params, "asr_before": r.asr(r.model),
-            "ca_before": ca_before, "asr_after": r.asr(result.model), "ca_after": ca_after,
-            "ca_drop_points": 100 * (ca_before - ca_after), "verdict_before": verdict.to_dict(),
-            "verdict_after": after.to_dict(), "raw_before": raw_status(verdict.to_dict()),
-            "raw_after": raw_status(after.to_dict()), "seconds": seconds, "commit": commit}
+    vb, va = verdict.to_dict(), after.to_dict()
+    return {"kind": kind, "seed": seed, "n_clean": len(clean), "n_requested": n, "sanitize_seed": sanitize_seed,
+            "params": params, "asr_before": r.asr(r.model), "ca_before": ca_before, "asr_after": r.asr(result.model),
+            "ca_after": ca_after, "ca_drop_points": 100 * (ca_before - ca_after), "verdict_before": vb,
+            "verdict_after": va, "raw_before": raw_status(vb), "raw_after": raw_status(va), "seconds": seconds,
+            "commit": commit}
 
 
 def raw_status(v: dict) -> str:
@@ -138,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         for seed in args.seeds:
             for s in args.sanitize_seeds:
-                if any((r["kind"], r["seed"], r.get("n_requested", r["n_clean"]), r["sanitize_seed"],
-                        r.get("params", "")) == (kind, seed, args.n, s, args.params) for r in log.rows):
+                if log.has(kind=kind, seed=seed, n_requested=args.n, sanitize_seed=s, params=args.params):
                     continue
                 row = run_one(kind, seed, args.n, s, prov["commit"], args.params)
                 log.add(row)

@@ -280,12 +280,17 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     return Verdict(status=status, targets=targets, pairs=pairs, score=score, scores=scores, reasons=reasons)
 
 
+def too_few_to_clear(n_images: int, num_classes: int) -> bool:
+    """Under MIN_MEAN_PER_CLASS images per class: a plain reference keeps a backdoor (see the constant)."""
+    return n_images < MIN_MEAN_PER_CLASS * num_classes
+
+
 def data_problem(y, num_classes: int) -> str | None:
     counts = np.bincount(np.asarray(y), minlength=num_classes)
     if counts.min() < MIN_PER_CLASS:
         return (f"too few clean images to scan every class (the smallest class has {int(counts.min())}, "
                 f"at least {MIN_PER_CLASS} needed)")
-    if len(counts) and counts.sum() < MIN_MEAN_PER_CLASS * num_classes:
+    if len(counts) and too_few_to_clear(int(counts.sum()), num_classes):
         return (f"too few clean images to clear a model ({int(counts.sum())}; at least {MIN_MEAN_PER_CLASS * num_classes}, "
                 f"{MIN_MEAN_PER_CLASS} per class): a benign reference fine-tuned on so few keeps a backdoor, so finding "
                 "nothing proves nothing")
@@ -305,14 +310,14 @@ class VerdictSession:
         self.x, self.y = scan_subset(x, y, seed)
         step = on_step or (lambda f: None)
         t0 = time.perf_counter()
-        few = len(np.asarray(y if ref_y is None else ref_y)) < MIN_MEAN_PER_CLASS * num_classes
-        self.reference = train_reference(model, x if ref_x is None else ref_x, y if ref_y is None else ref_y,
-                                         seed=seed, hflip=hflip, should_cancel=should_cancel,
+        if ref_x is None:
+            ref_x, ref_y = x, y
+        few = too_few_to_clear(len(ref_y), num_classes)
+        self.reference = train_reference(model, ref_x, ref_y, seed=seed, hflip=hflip, should_cancel=should_cancel,
                                          shrink=FEW_IMAGES_SHRINK if few else None,
                                          progress=lambda _stage, f: step(0.6 * f))
         self.reference_seconds = time.perf_counter() - t0
-        self.reference_problem = reference_problem(model, self.reference, x if ref_x is None else ref_x,
-                                                   y if ref_y is None else ref_y)
+        self.reference_problem = reference_problem(model, self.reference, ref_x, ref_y)
         step(0.6)
         self.reference_scan = self.scan(self.reference, lambda f: step(0.6 + 0.4 * f))
         step(1.0)
