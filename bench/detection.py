@@ -64,6 +64,39 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
                         "verdict_seconds": time.perf_counter() - t1})
 
 
+def spread(benign: list, backdoored: list) -> list:
+    """Benign models spread evenly among the backdoored ones, so that a run stopped early still has both."""
+    keyed = [((i + 0.5) / len(benign), 0, u) for i, u in enumerate(benign)]
+    keyed += [((i + 0.5) / len(backdoored), 1, u) for i, u in enumerate(backdoored)]
+    return [u for *_, u in sorted(keyed, key=lambda t: (t[0], t[1]))]
+
+
+def unit_done(log: RowLog, kind: str, seed: int, defenses: list[str], scan_seeds: list[int]) -> bool:
+    return (all(log.has(kind=kind, seed=seed, defense="none", scan_seed=s) for s in scan_seeds)
+            and all(log.has(kind=kind, seed=seed, defense=d, scan_seed=scan_seeds[0]) for d in defenses))
+
+
+def run_unit(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], rows_path: Path, commit: str,
+             dataset: str) -> None:
+    """One model in a spawned process: its own view of the rows file, to which it appends."""
+    run_model(kind, seed, defenses, scan_seeds, RowLog(rows_path, KEY), commit, dataset=dataset)
+
+
+def run_units(units: list[tuple[str, int]], args, rows_path: Path, commit: str) -> None:
+    """Models in `args.jobs` spawned processes (one thread each: run_model pins torch to one)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_unit, kind, seed, args.defenses, args.scan_seeds, rows_path, commit,
+                               args.dataset): (kind, seed) for kind, seed in units}
+        for fut in as_completed(futures):
+            fut.result()
+            kind, seed = futures[fut]
+            print(f"done {kind} seed {seed} after {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def defense_spec(name: str) -> tuple[str, dict]:
     """"ft" or "ft:epochs=1,lr=0.001" (a deliberately weak defense, to see the verdict on a surviving backdoor)."""
     method, _, rest = name.partition(":")
@@ -201,16 +234,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stem", default=None, help="default: detection, or detection_<dataset> for other datasets")
     p.add_argument("--note", default="")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the rows already there")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models scanned in parallel processes (one thread each; 2 on a 2-core machine)")
     args = p.parse_args(argv)
     args.stem = args.stem or ("detection" if args.dataset == "mnist5k" else f"detection_{args.dataset}")
     log = RowLog(args.out / f"{args.stem}.jsonl", KEY)
     prov = provenance()
-    units = [("none", s) for s in args.benign_seeds] + [(k, s) for s in args.seeds for k in args.kinds]
+    units = spread([("none", s) for s in args.benign_seeds], [(k, s) for s in args.seeds for k in args.kinds])
     t0 = time.perf_counter()
     if not args.report_only:
-        for kind, seed in units:
-            run_model(kind, seed, args.defenses, args.scan_seeds, log, prov["commit"], dataset=args.dataset)
-            print(f"done {kind} seed {seed} after {time.perf_counter() - t0:.0f} s", flush=True)
+        todo = [u for u in units if not unit_done(log, *u, args.defenses, args.scan_seeds)]
+        if args.jobs > 1:
+            run_units(todo, args, log.path, prov["commit"])
+            log = RowLog(log.path, KEY)  # re-read what the workers appended; the first row of a key counts
+            first: dict = {}
+            for row in log.rows:
+                first.setdefault(log.key(row), row)
+            log.rows = list(first.values())
+        else:
+            for kind, seed in todo:
+                run_model(kind, seed, args.defenses, args.scan_seeds, log, prov["commit"], dataset=args.dataset)
+                print(f"done {kind} seed {seed} after {time.perf_counter() - t0:.0f} s", flush=True)
     import sys
 
     write_report(log.rows, args.out, prov, {"command": "python -m bench.detection " + " ".join(argv or sys.argv[1:]),

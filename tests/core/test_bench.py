@@ -149,6 +149,22 @@ def test_detection_summary_counts_false_alarms_flips_and_after_agreement(tmp_pat
     assert "Fashion-MNIST" in (tmp_path / "detection_fmnist.md").read_text()
 
 
+def test_detection_spreads_benign_models_and_skips_finished_ones(tmp_path):
+    """A run stopped early has benign and backdoored models alike; a resumed one skips models with every row."""
+    from bench.common import RowLog
+    from bench.detection import KEY, spread, unit_done
+
+    units = spread([("none", s) for s in range(4)], [(k, s) for s in range(2) for k in "abcd"])
+    assert sorted(units) == sorted([("none", s) for s in range(4)] + [(k, s) for s in range(2) for k in "abcd"])
+    assert ("none", 0) in units[:3] and ("none", 3) in units[-3:]
+    log = RowLog(tmp_path / "rows.jsonl", KEY)
+    for scan_seed in (0, 1):
+        log.add({"kind": "a", "seed": 0, "defense": "none", "scan_seed": scan_seed})
+    assert not unit_done(log, "a", 0, ["nba"], [0, 1])
+    log.add({"kind": "a", "seed": 0, "defense": "nba", "scan_seed": 0})
+    assert unit_done(log, "a", 0, ["nba"], [0, 1]) and not unit_done(log, "a", 0, ["nba"], [0, 1, 2])
+
+
 def test_quality_rows_of_nba_carry_the_before_verdict_it_was_handed(tmp_path, monkeypatch):
     """A quality table's NBA rows say what the trigger-free verdict said of the model (the other rows need none)."""
     import bench.quality as quality
