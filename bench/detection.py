@@ -157,6 +157,7 @@ def summarize(rows: list[dict]) -> dict:
                           "after_statuses": [r["verdict"]["status"] for r in rs]}
     secs = [r["verdict_seconds"] for r in before]
     return {
+        "cost": cost(primary, after),
         "auroc_before": auroc(pos, neg), "backdoored_models": len(pos), "benign_models": len(neg),
         "benign_fpr": (len(benign_flagged) / len(neg)) if neg else None,
         "flip_rate": (sum(len(s) > 1 for s in multi.values()) / len(multi)) if multi else None,
@@ -168,6 +169,28 @@ def summarize(rows: list[dict]) -> dict:
         "per_kind": per_kind, "per_defense": per_defense,
         "verdict_seconds_mean": (sum(secs) / len(secs)) if secs else None,
     }
+
+
+def cost(primary: list[dict], after: list[dict]) -> dict:
+    """Per defense, a job's parts in seconds (means over models) and the whole job against the time the attack took
+    to train the model it cleans (issue 8's ratio; a job = before-verdict (reference + scan) + defense + after-scan).
+    The rows of one run share the machine's load, so the ratio holds where absolute seconds drift."""
+    before = {(r["kind"], r["seed"]): r for r in primary}
+    job = lambda b, a: b["verdict_seconds"] + a["defense_seconds"] + a["verdict_seconds"]
+    out = {}
+    for d in sorted({r["defense"] for r in after}):
+        parts = [(before[(a["kind"], a["seed"])], a) for a in after
+                 if a["defense"] == d and (a["kind"], a["seed"]) in before]
+        if not parts:
+            continue
+        avg = lambda f: sum(f(b, a) for b, a in parts) / len(parts)
+        out[d] = {"models": len(parts), "reference_s": avg(lambda b, a: b.get("reference_seconds", 0.0)),
+                  "before_verdict_s": avg(lambda b, a: b["verdict_seconds"]),
+                  "defense_s": avg(lambda b, a: a["defense_seconds"]),
+                  "after_verdict_s": avg(lambda b, a: a["verdict_seconds"]), "job_s": avg(job),
+                  "attack_train_s": avg(lambda b, a: b["attack_train_seconds"]),
+                  "job_over_train": avg(lambda b, a: job(b, a) / b["attack_train_seconds"])}
+    return out
 
 
 def _fmt(value, pattern: str) -> str:
@@ -214,6 +237,16 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str 
         for d, v in s["per_defense"].items():
             lines.append(f"| {d} | {v['rows']} | {v['clean_after_not_suspected']} | {v['backdoored_after_suspected']} | "
                          f"{v['asr_after']} | {v['ca_drop']} | {', '.join(v['after_statuses'])} |")
+    if s["cost"]:
+        lines += ["", "## Cost of a job (CPU, one thread per model, means over models)", "",
+                  "A job = before-verdict (benign reference + scan) + defense + after-scan; the ratio is against the "
+                  "time the attack took to train the same model, on the same machine (goal for NBA: < 0.6×).", "",
+                  "| defense | models | reference s | before-verdict s | defense s | after-scan s | job s | "
+                  "attack training s | job / training |", "|---|---|---|---|---|---|---|---|---|"]
+        for d, v in s["cost"].items():
+            lines.append(f"| {d} | {v['models']} | {v['reference_s']:.1f} | {v['before_verdict_s']:.1f} | "
+                         f"{v['defense_s']:.1f} | {v['after_verdict_s']:.1f} | {v['job_s']:.1f} | "
+                         f"{v['attack_train_s']:.1f} | {v['job_over_train']:.2f}× |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -128,11 +128,12 @@ def _detection_rows():
         return {"dataset": "fmnist", "kind": kind, "seed": seed, "defense": "none", "scan_seed": scan_seed,
                 "truth": {"backdoored": backdoored, "targets": [0] if backdoored else [], "pairs": []},
                 "asr_before": 1.0 if backdoored else 0.01, "ca_before": 0.9, "verdict_seconds": 10.0,
+                "reference_seconds": 6.0, "attack_train_seconds": 20.0,
                 "verdict": {"status": status, "score": score, "targets": [0] if status == "suspected" else [],
                             "pairs": []}}
     rows = [before("none", 0, 0, "not_suspected", 0.5, False), before("none", 0, 1, "suspected", 1.2, False),
             before("none", 1, 0, "suspected", 1.1, False), before("badnets", 0, 0, "suspected", 2.0, True)]
-    rows.append(rows[-1] | {"defense": "nba", "asr_after": 0.01, "ca_after": 0.88,
+    rows.append(rows[-1] | {"defense": "nba", "asr_after": 0.01, "ca_after": 0.88, "defense_seconds": 4.0,
                             "verdict": {"status": "not_suspected", "score": 0.3, "targets": [], "pairs": []}})
     return rows
 
@@ -144,9 +145,12 @@ def test_detection_summary_counts_false_alarms_flips_and_after_agreement(tmp_pat
     assert s["benign_fpr"] == 0.5 and s["flip_rate"] == 1.0 and s["auroc_before"] == 1.0
     assert s["after_not_suspected_when_asr_le_5"] == (1, 1)
     assert s["per_defense"]["nba"]["ca_drop"] == [2.0]
+    # The job is the before-verdict (10 s) + NBA (4 s) + the after-scan (10 s) against 20 s of attack training.
+    assert s["cost"]["nba"]["job_s"] == 24.0 and s["cost"]["nba"]["job_over_train"] == 1.2
     prov = {"commit": "abc", "dirty": False, "when": "now", "machine": {"platform": "p", "torch": "t"}}
     write_report(_detection_rows(), tmp_path, prov, {"command": "x"}, "detection_fmnist", "fmnist")
-    assert "Fashion-MNIST" in (tmp_path / "detection_fmnist.md").read_text()
+    md = (tmp_path / "detection_fmnist.md").read_text()
+    assert "Fashion-MNIST" in md and "| nba | 1 | 6.0 | 10.0 | 4.0 | 10.0 | 24.0 | 20.0 | 1.20× |" in md
 
 
 def test_detection_spreads_benign_models_and_skips_finished_ones(tmp_path):
