@@ -2,6 +2,7 @@
 scan seeds, with one and with all of the scan's restarts (both read from one scan: each restart is kept).
 
     python -m bench.verdict_stability [--kinds none badnets ...] [--seeds 10 11] [--scan-seeds 0 1 2]
+                                      [--scan steps=40,batch_size=6]   # a cheaper scan, measured beside the default
 
 Rows go to docs/benchmarks/verdict_stability_tuning.jsonl (one per model and scan seed); the summary to the .md.
 Only tuning seeds (>= 10) are accepted: this is where the scan's restarts and the reference's epochs were chosen.
@@ -14,13 +15,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import OUT_DIR, RowLog, provenance
+from .common import OUT_DIR, RowLog, parse_overrides, provenance
 
 STEM = "verdict_stability_tuning"
-KEY = ("kind", "seed", "scan_seed")
+KEY = ("kind", "seed", "scan_seed", "scan")  # scan: the overrides of verdict.SCAN as written ("" = the default)
 
 
-def run(kind: str, seed: int, scan_seed: int) -> dict:
+def run(kind: str, seed: int, scan_seed: int, scan_overrides: str = "") -> dict:
     import torch
 
     from nba_core import verdict as V
@@ -30,9 +31,11 @@ def run(kind: str, seed: int, scan_seed: int) -> dict:
     torch.set_num_threads(1)
     r = load_or_make(kind, seed)
     t0 = time.perf_counter()
-    session = V.VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=r.spec.num_classes, seed=scan_seed)
+    session = V.VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=r.spec.num_classes, seed=scan_seed,
+                               scan_settings=parse_overrides(scan_overrides))
     _, scan = session.judge(r.model)
-    row = {"kind": kind, "seed": seed, "scan_seed": scan_seed, "asr": r.asr(r.model),
+    row = {"kind": kind, "seed": seed, "scan_seed": scan_seed, "scan": scan_overrides, "asr": r.asr(r.model),
+           "reference_seconds": session.reference_seconds,
            "seconds": time.perf_counter() - t0, "scan_seconds": scan.seconds,
            "restarts": len(scan.patch_l1_restarts), "reference_epochs": V.REFERENCE["epochs"],
            "patch_l1_restarts": scan.patch_l1_restarts,
@@ -47,27 +50,35 @@ def run(kind: str, seed: int, scan_seed: int) -> dict:
 
 
 def summarize(rows: list[dict]) -> list[str]:
-    lines = ["| restarts used | models | flips across scan seeds | benign scans suspected / inconclusive | "
-             "highest benign score | backdoored scans suspected | exact target | lowest backdoored score |",
-             "|---|---|---|---|---|---|---|---|"]
-    for k in (1, 2):
-        by = defaultdict(list)
-        for r in rows:
-            if f"verdict_r{k}" in r:
-                by[(r["kind"], r["seed"])].append(r[f"verdict_r{k}"])
-        ben = [v for (kind, _), vs in by.items() if kind == "none" for v in vs]
-        bad = [v for (kind, _), vs in by.items() if kind != "none" for v in vs]
-        if not ben or not bad:
-            continue
-        flips = sum(len({v["status"] for v in vs}) > 1 for vs in by.values())
-        lines.append(f"| {k} | {len(by)} | {flips} | {sum(v['status'] == 'suspected' for v in ben)}/{len(ben)} / "
-                     f"{sum(v['status'] == 'inconclusive' for v in ben)} | {max(v['score'] for v in ben):.2f} | "
-                     f"{sum(v['status'] == 'suspected' for v in bad)}/{len(bad)} | "
-                     f"{sum(v['targets'] == [0] for v in bad)}/{len(bad)} | {min(v['score'] for v in bad):.2f} |")
-    lines += ["", "| model | scan seed | restarts run | verdict (1 restart) | verdict (2 restarts) |", "|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["kind"], r["seed"], r["scan_seed"])):
+    lines = ["| scan (overrides of SCAN) | restarts used | models | flips across scan seeds | "
+             "benign scans suspected / inconclusive | highest benign score | backdoored scans suspected | "
+             "exact target | lowest backdoored score | scan s (mean, as run) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for setting in sorted({r.get("scan", "") for r in rows}):
+        rs = [r for r in rows if r.get("scan", "") == setting]
+        for k in (1, 2):
+            by = defaultdict(list)
+            for r in rs:
+                if f"verdict_r{k}" in r:
+                    by[(r["kind"], r["seed"])].append(r[f"verdict_r{k}"])
+            ben = [v for (kind, _), vs in by.items() if kind == "none" for v in vs]
+            bad = [v for (kind, _), vs in by.items() if kind != "none" for v in vs]
+            if not ben or not bad:
+                continue
+            flips = sum(len({v["status"] for v in vs}) > 1 for vs in by.values())
+            secs = sum(r["scan_seconds"] for r in rs) / len(rs)
+            lines.append(f"| {setting or 'default'} | {k} | {len(by)} | {flips} | "
+                         f"{sum(v['status'] == 'suspected' for v in ben)}/{len(ben)} / "
+                         f"{sum(v['status'] == 'inconclusive' for v in ben)} | {max(v['score'] for v in ben):.2f} | "
+                         f"{sum(v['status'] == 'suspected' for v in bad)}/{len(bad)} | "
+                         f"{sum(v['targets'] == [0] for v in bad)}/{len(bad)} | {min(v['score'] for v in bad):.2f} | "
+                         f"{secs:.1f} |")
+    lines += ["", "| model | scan | scan seed | restarts run | verdict (1 restart) | verdict (2 restarts) |",
+              "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kind"], r["seed"], r.get("scan", ""), r["scan_seed"])):
         cell = lambda v: f"{v['status']} {v['targets'] or ''} {v['score']:.2f}" if v else "–"
-        lines.append(f"| {r['kind']} s{r['seed']} | {r['scan_seed']} | {r['restarts']} | {cell(r.get('verdict_r1'))} | "
+        lines.append(f"| {r['kind']} s{r['seed']} | {r.get('scan') or 'default'} | {r['scan_seed']} | {r['restarts']} | "
+                     f"{cell(r.get('verdict_r1'))} | "
                      f"{cell(r.get('verdict_r2'))} |")
     return lines
 
@@ -79,19 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benign-seeds", nargs="+", type=int, default=[10, 11, 12, 13])
     p.add_argument("--scan-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=OUT_DIR)
+    p.add_argument("--scan", default="", help="overrides of nba_core.verdict.SCAN, e.g. steps=40,batch_size=6 "
+                   "(rows are kept per setting, so a cheaper scan is measured beside the default)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     if min(args.seeds + args.benign_seeds) < 10:
         p.error("tuning seeds only (>= 10): the reported seeds 0-9 are for bench.detection")
     log = RowLog(args.out / f"{STEM}.jsonl", KEY)
+    for r in log.rows:
+        r.setdefault("scan", "")  # rows from before --scan existed ran the default
     prov = provenance()
     if not args.report_only:
         units = [("none", s) for s in args.benign_seeds] + [(k, s) for k in args.kinds if k != "none" for s in args.seeds]
         for kind, seed in units:
             for s in args.scan_seeds:
-                if log.has(kind=kind, seed=seed, scan_seed=s):
+                if log.has(kind=kind, seed=seed, scan_seed=s, scan=args.scan):
                     continue
-                row = run(kind, seed, s) | {"commit": prov["commit"]}
+                row = run(kind, seed, s, args.scan) | {"commit": prov["commit"]}
                 log.add(row)
                 print(kind, seed, s, row["verdict_r1"]["status"], row.get("verdict_r2", {}).get("status"), flush=True)
     rows = {log.key(r): r for r in log.rows}

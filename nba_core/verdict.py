@@ -302,10 +302,12 @@ class VerdictSession:
 
     def __init__(self, model: nn.Module, x, y, *, ref_x=None, ref_y=None, num_classes: int, seed: int = 0,
                  hflip: bool = False, should_cancel: CancelFn = never_cancel,
-                 on_step: Callable[[float], None] | None = None):
+                 on_step: Callable[[float], None] | None = None, scan_settings: dict | None = None):
         """`on_step(fraction)` reports how far the reference (training, then its scan) has come: minutes on a CPU
-        must not look stuck."""
+        must not look stuck. `scan_settings` override SCAN for every scan of the session (for benches measuring
+        cheaper scans on tuning models; jobs use SCAN)."""
         self.num_classes, self.seed, self.should_cancel = num_classes, int(seed), should_cancel
+        self.scan_settings = dict(scan_settings or {})
         self.problem = data_problem(y, num_classes)  # a missing or tiny class: the verdict can only be inconclusive
         self.x, self.y = scan_subset(x, y, seed)
         step = on_step or (lambda f: None)
@@ -324,7 +326,7 @@ class VerdictSession:
 
     def scan(self, model: nn.Module, on_step: Callable[[float], None] | None = None) -> ModelScan:
         return scan_model(model, self.x, self.y, num_classes=self.num_classes, seed=self.seed,
-                          should_cancel=self.should_cancel, on_step=on_step)
+                          should_cancel=self.should_cancel, settings=self.scan_settings, on_step=on_step)
 
     def judge(self, model: nn.Module, on_step: Callable[[float], None] | None = None) -> tuple[Verdict, ModelScan]:
         scan = self.scan(model, on_step)

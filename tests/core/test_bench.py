@@ -117,9 +117,17 @@ def test_verdict_stability_refuses_reported_seeds_and_counts_flips():
               "verdict_r2": v("suspected", 1.5, [0])},
              {"kind": "badnets", "seed": 10, "scan_seed": 1, "restarts": 2, "verdict_r1": v("suspected", 2.0, [0]),
               "verdict_r2": v("suspected", 2.1, [0])}]
+    for r in rows:
+        r["scan_seconds"] = 10.0
+    # A cheaper scan's rows are summarised beside the default's, never mixed into them.
+    rows += [r | {"scan": "steps=40", "scan_seconds": 5.0, "verdict_r2": v("suspected", 3.0, [0])}
+             for r in rows if r["kind"] == "badnets"]
+    rows.append({"kind": "none", "seed": 10, "scan_seed": 0, "restarts": 2, "scan": "steps=40", "scan_seconds": 5.0,
+                 "verdict_r1": v("suspected", 1.2, [2]), "verdict_r2": v("suspected", 1.2, [2])})
     table = vs.summarize(rows)
-    assert table[2].startswith("| 1 | 2 | 1 |") and "| 1/2 |" in table[2]
-    assert table[3].startswith("| 2 | 2 | 0 |") and "| 2/2 |" in table[3]
+    assert table[2].startswith("| default | 1 | 2 | 1 |") and "| 1/2 |" in table[2] and table[2].endswith("| 10.0 |")
+    assert table[3].startswith("| default | 2 | 2 | 0 |") and "| 2/2 |" in table[3]
+    assert table[5].startswith("| steps=40 | 2 | 2 | 0 | 1/1 / 0 | 1.20 | 2/2 |") and table[5].endswith("| 5.0 |")
 
 
 def _detection_rows():
