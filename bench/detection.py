@@ -111,6 +111,22 @@ def auroc(pos: list[float], neg: list[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def capped_status(before: dict, after: dict) -> str:
+    """The after-verdict's status had its scores been capped at the before-verdict's (nba_core.verdict.cap_at), from
+    the per-class scores a row records: suspected when a capped patch/global score reaches 1 or the capped shift row
+    does with pairs found; inconclusive in the band or when the recorded verdict was inconclusive for another reason
+    (too little data, unreliable reference); else not_suspected. Rows judged with the cap already are unchanged."""
+    from nba_core.verdict import INCONCLUSIVE_BAND, cap_at
+
+    scores, _ = cap_at(after["scores"], before["scores"])
+    if any(v >= 1 for f in ("patch", "global") for v in scores[f]) or (scores["shift"][0] >= 1 and after["pairs"]):
+        return "suspected"
+    top = max(max(v) for v in scores.values())
+    if top >= INCONCLUSIVE_BAND or (after["status"] == "inconclusive" and after["score"] < INCONCLUSIVE_BAND):
+        return "inconclusive"
+    return "not_suspected"
+
+
 def summarize(rows: list[dict]) -> dict:
     before = [r for r in rows if r["defense"] == "none"]
     first_seed = min((r["scan_seed"] for r in before), default=0)
@@ -146,6 +162,7 @@ def summarize(rows: list[dict]) -> dict:
     after = [r for r in rows if r["defense"] != "none"]
     clean_after = [r for r in after if r["asr_after"] <= ASR_CLEAN]
     dirty_after = [r for r in after if r["asr_after"] >= ASR_BACKDOORED]
+    capped = lambda r: capped_status(r["verdict_before"], r["verdict"])
     per_defense = {}
     for d in sorted({r["defense"] for r in after}):
         rs = [r for r in after if r["defense"] == d]
@@ -154,7 +171,9 @@ def summarize(rows: list[dict]) -> dict:
                           "backdoored_after_suspected": f"{sum(r['verdict']['status'] == 'suspected' for r in rs if r['asr_after'] >= ASR_BACKDOORED)}/{sum(r['asr_after'] >= ASR_BACKDOORED for r in rs)}",
                           "asr_after": [round(r["asr_after"], 3) for r in rs],
                           "ca_drop": [round(100 * (r["ca_before"] - r["ca_after"]), 2) for r in rs],
-                          "after_statuses": [r["verdict"]["status"] for r in rs]}
+                          "after_statuses": [r["verdict"]["status"] for r in rs],
+                          "capped_clean_not_suspected": f"{sum(capped(r) == 'not_suspected' for r in rs if r['asr_after'] <= ASR_CLEAN)}/{sum(r['asr_after'] <= ASR_CLEAN for r in rs)}",
+                          "capped_backdoored_suspected": f"{sum(capped(r) == 'suspected' for r in rs if r['asr_after'] >= ASR_BACKDOORED)}/{sum(r['asr_after'] >= ASR_BACKDOORED for r in rs)}"}
     secs = [r["verdict_seconds"] for r in before]
     return {
         "cost": cost(primary, after),
@@ -166,6 +185,8 @@ def summarize(rows: list[dict]) -> dict:
                                               len(clean_after)),
         "after_suspected_when_asr_ge_50": (sum(r["verdict"]["status"] == "suspected" for r in dirty_after),
                                            len(dirty_after)),
+        "capped_not_suspected_when_asr_le_5": (sum(capped(r) == "not_suspected" for r in clean_after), len(clean_after)),
+        "capped_suspected_when_asr_ge_50": (sum(capped(r) == "suspected" for r in dirty_after), len(dirty_after)),
         "per_kind": per_kind, "per_defense": per_defense,
         "verdict_seconds_mean": (sum(secs) / len(secs)) if secs else None,
     }
@@ -222,6 +243,9 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str 
               f"{_fmt(s['flip_rate'], '{:.0%}')} ({s['flip_models']} models) | 0 |",
               f"| after a defense, real ASR ≤ 5 %: verdict not_suspected | {pair(s['after_not_suspected_when_asr_le_5'])} | ≥ 98 % |",
               f"| after a defense, real ASR ≥ 50 %: verdict suspected | {pair(s['after_suspected_when_asr_ge_50'])} | all |",
+              f"| the same two, each after-score capped at its before-score (from the recorded scores) | "
+              f"{pair(s['capped_not_suspected_when_asr_le_5'])}; {pair(s['capped_suspected_when_asr_ge_50'])} | "
+              "≥ 98 %; all |",
               f"| verdict time per model (reference + scan, CPU, shared) | "
               f"{_fmt(s['verdict_seconds_mean'], '{:.1f} s')} | |", "",
               "## Before, per model kind (first scan seed)", "",
@@ -232,10 +256,11 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str 
                      f"{v['targets']} | {v['pairs']} | {v['asr_before']} |")
     if s["per_defense"]:
         lines += ["", "## After each defense", "",
-                  "| defense | rows | ASR ≤ 5 % → not_suspected | ASR ≥ 50 % → suspected | real ASR after | CA drop (points) | after-verdicts |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| defense | rows | ASR ≤ 5 % → not_suspected | ASR ≥ 50 % → suspected | the same, capped | real ASR after | CA drop (points) | after-verdicts |",
+                  "|---|---|---|---|---|---|---|---|"]
         for d, v in s["per_defense"].items():
             lines.append(f"| {d} | {v['rows']} | {v['clean_after_not_suspected']} | {v['backdoored_after_suspected']} | "
+                         f"{v['capped_clean_not_suspected']}; {v['capped_backdoored_suspected']} | "
                          f"{v['asr_after']} | {v['ca_drop']} | {', '.join(v['after_statuses'])} |")
     if s["cost"]:
         lines += ["", "## Cost of a job (CPU, one thread per model, means over models)", "",

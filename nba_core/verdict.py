@@ -233,9 +233,13 @@ def _logit(p: float) -> float:
 
 
 def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None,
-          thresholds: dict | None = None, unreliable_reference: str | None = None) -> Verdict:
+          thresholds: dict | None = None, unreliable_reference: str | None = None,
+          before: Verdict | None = None) -> Verdict:
     """Compare a model's scan with the reference's, class by class (module doc). With `unreliable_reference`
-    (the benign reference could not be trained) the comparison means nothing either way: inconclusive."""
+    (the benign reference could not be trained) the comparison means nothing either way: inconclusive.
+    With `before` (the verdict on the model before a defense) every score is capped at its value before: a defense
+    trains on clean data only, so a class that got EASIER to reach is the defense's damage, not a backdoor
+    (after FT/NAD cost 4-20 CA points, non-target classes crossed the threshold on clean models)."""
     th = {**THRESHOLDS, **(thresholds or {})}
     k = scan.num_classes
     patch_lr = [math.log(max(ref.patch_l1[i], 1e-3) / max(scan.patch_l1[i], 1e-3)) for i in range(k)]
@@ -246,6 +250,9 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     scores = {"patch": [(v - c) / th["patch"] for v in patch_lr],
               "shift": [(shift_lr - c) / th["shift"]],
               "global": [(v - g0) / th["global"] for v in glob]}
+    raised: list[str] = []
+    if before is not None:
+        scores, raised = cap_at(scores, before.scores)
     targets = sorted({i for i in range(k) if scores["patch"][i] >= 1 or scores["global"][i] >= 1},
                      key=lambda i: -max(scores["patch"][i], scores["global"][i]))
     pairs = []
@@ -267,6 +274,9 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
         reasons.append(f"classes {targets}: a trigger reaches them far more easily than on the benign reference")
     if pairs:
         reasons.append(f"one small trigger moves {len(pairs)} source classes each to one other class (label shift)")
+    if raised:
+        reasons.append("easier to reach than before the defense, not counted (a defense on clean data cannot plant "
+                       "a backdoor): " + ", ".join(raised))
     if targets or pairs:
         status = SUSPECTED
     elif too_little_data:
@@ -278,6 +288,17 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     else:
         status = NOT_SUSPECTED
     return Verdict(status=status, targets=targets, pairs=pairs, score=score, scores=scores, reasons=reasons)
+
+
+def cap_at(scores: dict[str, list[float]], ceiling: dict[str, list[float]],
+           notable: float = INCONCLUSIVE_BAND) -> tuple[dict[str, list[float]], list[str]]:
+    """Each score capped at its value in `ceiling`; also names the capped rows that reached `notable` uncapped."""
+    capped, raised = {}, []
+    for fam, values in scores.items():
+        capped[fam] = [min(v, c) for v, c in zip(values, ceiling[fam])]
+        raised += [f"{fam} {'row' if fam == 'shift' else 'class ' + str(i)} {v:.2f} (was {c:.2f})"
+                   for i, (v, c) in enumerate(zip(values, ceiling[fam])) if v > c and v >= notable]
+    return capped, raised
 
 
 def too_few_to_clear(n_images: int, num_classes: int) -> bool:
@@ -328,10 +349,12 @@ class VerdictSession:
         return scan_model(model, self.x, self.y, num_classes=self.num_classes, seed=self.seed,
                           should_cancel=self.should_cancel, settings=self.scan_settings, on_step=on_step)
 
-    def judge(self, model: nn.Module, on_step: Callable[[float], None] | None = None) -> tuple[Verdict, ModelScan]:
+    def judge(self, model: nn.Module, on_step: Callable[[float], None] | None = None,
+              before: Verdict | None = None) -> tuple[Verdict, ModelScan]:
+        """`before`: the verdict on the model before a defense (the after-verdict caps each score at it)."""
         scan = self.scan(model, on_step)
         return judge(scan, self.reference_scan, too_little_data=self.problem,
-                     unreliable_reference=self.reference_problem), scan
+                     unreliable_reference=self.reference_problem, before=before), scan
 
     def report(self, verdict: Verdict, scan: ModelScan) -> dict:
         return {**verdict.to_dict(), "scan": scan.summary(), "reference_scan": self.reference_scan.summary(),

@@ -130,6 +130,12 @@ def test_verdict_stability_refuses_reported_seeds_and_counts_flips():
     assert table[5].startswith("| steps=40 | 2 | 2 | 0 | 1/1 / 0 | 1.20 | 2/2 |") and table[5].endswith("| 5.0 |")
 
 
+def _scores(target: float, other: float = 0.2, cls: int = 0) -> dict:
+    patch = [other] * 10
+    patch[cls] = target
+    return {"patch": patch, "global": [0.1] * 10, "shift": [0.1]}
+
+
 def _detection_rows():
     """Two benign models (one flipping between scan seeds, one flagged) and one backdoored model cleaned by NBA."""
     def before(kind, seed, scan_seed, status, score, backdoored):
@@ -138,11 +144,18 @@ def _detection_rows():
                 "asr_before": 1.0 if backdoored else 0.01, "ca_before": 0.9, "verdict_seconds": 10.0,
                 "reference_seconds": 6.0, "attack_train_seconds": 20.0,
                 "verdict": {"status": status, "score": score, "targets": [0] if status == "suspected" else [],
-                            "pairs": []}}
+                            "pairs": [], "scores": _scores(score)}}
     rows = [before("none", 0, 0, "not_suspected", 0.5, False), before("none", 0, 1, "suspected", 1.2, False),
             before("none", 1, 0, "suspected", 1.1, False), before("badnets", 0, 0, "suspected", 2.0, True)]
     rows.append(rows[-1] | {"defense": "nba", "asr_after": 0.01, "ca_after": 0.88, "defense_seconds": 4.0,
-                            "verdict": {"status": "not_suspected", "score": 0.3, "targets": [], "pairs": []}})
+                            "verdict_before": rows[-1]["verdict"],
+                            "verdict": {"status": "not_suspected", "score": 0.3, "targets": [], "pairs": [],
+                                        "scores": _scores(0.3)}})
+    # FT damaged the model: class 3 crossed the threshold after, not before (a false alarm the cap removes).
+    rows.append(rows[-2] | {"defense": "ft", "asr_after": 0.01, "ca_after": 0.80, "defense_seconds": 1.0,
+                            "verdict_before": rows[-2]["verdict"],
+                            "verdict": {"status": "suspected", "score": 1.3, "targets": [3], "pairs": [],
+                                        "scores": _scores(1.3, cls=3)}})
     return rows
 
 
@@ -151,7 +164,8 @@ def test_detection_summary_counts_false_alarms_flips_and_after_agreement(tmp_pat
 
     s = summarize(_detection_rows())
     assert s["benign_fpr"] == 0.5 and s["flip_rate"] == 1.0 and s["auroc_before"] == 1.0
-    assert s["after_not_suspected_when_asr_le_5"] == (1, 1)
+    assert s["after_not_suspected_when_asr_le_5"] == (1, 2)
+    assert s["capped_not_suspected_when_asr_le_5"] == (2, 2) and s["per_defense"]["ft"]["capped_clean_not_suspected"] == "1/1"
     assert s["per_defense"]["nba"]["ca_drop"] == [2.0]
     # The job is the before-verdict (10 s) + NBA (4 s) + the after-scan (10 s) against 20 s of attack training.
     assert s["cost"]["nba"]["job_s"] == 24.0 and s["cost"]["nba"]["job_over_train"] == 1.2

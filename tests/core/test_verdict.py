@@ -67,6 +67,22 @@ def test_global_trigger_and_inconclusive_band():
     assert few is not None and "at least 100" in few and data_problem(np.repeat(np.arange(10), 10), 10) is None
 
 
+def test_after_a_defense_a_class_counts_only_as_much_as_it_did_before():
+    """A defense trains on clean data: a class that got easier to reach (damage) is not a new backdoor, while a
+    target flagged before that still stands out after is still suspected."""
+    ref = _scan()
+    before = judge(_scan(patch=[6.0] + NATURAL[1:]), ref)
+    assert before.status == SUSPECTED and before.targets == [0]
+    damaged = _scan(patch=[55.0, 80.0, 25.0 / 3] + NATURAL[3:])  # target gone, class 2 three times easier
+    assert judge(damaged, ref).targets == [2]  # without the before-verdict: a false alarm on class 2
+    v = judge(damaged, ref, before=before)
+    assert v.status == NOT_SUSPECTED and v.targets == []
+    assert any("class 2" in r and "not counted" in r for r in v.reasons)
+    survived = judge(_scan(patch=[10.0] + NATURAL[1:]), ref, before=before)
+    assert survived.status == SUSPECTED and survived.targets == [0]
+    assert survived.scores["patch"][0] == pytest.approx(judge(_scan(patch=[10.0] + NATURAL[1:]), ref).scores["patch"][0])
+
+
 def test_wilson_interval():
     lo, hi = wilson_interval(9, 10)
     assert lo == pytest.approx(0.596, abs=1e-3) and hi == pytest.approx(0.982, abs=1e-3)
