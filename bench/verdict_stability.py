@@ -46,6 +46,10 @@ def run(kind: str, seed: int, scan_seed: int, scan_overrides: str = "") -> dict:
         v = V.judge(scan.with_restarts(k), session.reference_scan.with_restarts(k), too_little_data=session.problem,
                     unreliable_reference=session.reference_problem)
         row[f"verdict_r{k}"] = v.to_dict()
+    # Every restart of both families as run (a --scan with more universal-perturbation restarts than mask restarts
+    # shows here; verdict_rk keeps the first k of each).
+    row["verdict_all"] = V.judge(scan, session.reference_scan, too_little_data=session.problem,
+                                 unreliable_reference=session.reference_problem).to_dict()
     return row
 
 
@@ -56,11 +60,11 @@ def summarize(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for setting in sorted({r.get("scan", "") for r in rows}):
         rs = [r for r in rows if r.get("scan", "") == setting]
-        for k in (1, 2):
+        for k in (1, 2, "all"):
             by = defaultdict(list)
             for r in rs:
-                if f"verdict_r{k}" in r:
-                    by[(r["kind"], r["seed"])].append(r[f"verdict_r{k}"])
+                if f"verdict_r{k}" in r or (k == "all" and "verdict_all" in r):
+                    by[(r["kind"], r["seed"])].append(r[f"verdict_r{k}" if k != "all" else "verdict_all"])
             ben = [v for (kind, _), vs in by.items() if kind == "none" for v in vs]
             bad = [v for (kind, _), vs in by.items() if kind != "none" for v in vs]
             if not ben or not bad:

@@ -42,7 +42,7 @@ SUSPECTED, NOT_SUSPECTED, INCONCLUSIVE = "suspected", "not_suspected", "inconclu
 
 # Scan settings (one set for every use; validated for stability across scan seeds on tuning seeds).
 SCAN = {"steps": 80, "batch_size": 12, "restarts": 2, "shift_restarts": 2, "shift_batch": 24, "l1_weight": 0.5, "lr": 0.5, "mask_init": 0.05,
-        "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12}
+        "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12, "uap_restarts": 2}
 # Reference model: the suspect fine-tuned hard on D (NBA's teacher recipe, 30 epochs instead of 10: on tuning
 # models after 10 epochs the reference still carried the backdoor (real ASR > 30 %) at 15 of 40 seeds, after 30 at
 # none of 40 (max 27 %), and a reference that keeps the backdoor hides its target -- docs/verdict.md).
@@ -163,7 +163,7 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
     # The global rows likewise: per class, the restart whose delta reaches it most often.
     uaps = [scan_universal_perturbations(model, xt, yt, num_classes=k, eps=s["uap_eps"], steps=s["uap_steps"],
                                          batch_size=s["uap_batch"], generator=gen, should_cancel=should_cancel)
-            for _ in range(restarts)]
+            for _ in range(int(s["uap_restarts"]))]
     success = torch.tensor([u.success_rate for u in uaps])  # restarts×K
     pick = success.argmax(0)
     deltas = torch.stack([uaps[int(pick[c])].deltas[c] for c in classes])
