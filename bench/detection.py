@@ -111,6 +111,14 @@ def auroc(pos: list[float], neg: list[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def agreement(rows: list[dict], status_of) -> dict:
+    """The issue's two agreement counts (agreeing, rows): real ASR <= 5 % judged not_suspected, >= 50 % suspected."""
+    clean = [r for r in rows if r["asr_after"] <= ASR_CLEAN]
+    dirty = [r for r in rows if r["asr_after"] >= ASR_BACKDOORED]
+    return {"clean_not_suspected": (sum(status_of(r) == "not_suspected" for r in clean), len(clean)),
+            "backdoored_suspected": (sum(status_of(r) == "suspected" for r in dirty), len(dirty))}
+
+
 def capped_status(before: dict, after: dict) -> str:
     """The after-verdict's status had its scores been capped at the before-verdict's (nba_core.verdict.cap_at), from
     the per-class scores a row records: suspected when a capped patch/global score reaches 1 or the capped shift row
@@ -160,20 +168,15 @@ def summarize(rows: list[dict]) -> dict:
     multi = {m: s for m, s in by_model.items()
              if sum(1 for r in before if (r["kind"], r["seed"]) == m) > 1}
     after = [r for r in rows if r["defense"] != "none"]
-    clean_after = [r for r in after if r["asr_after"] <= ASR_CLEAN]
-    dirty_after = [r for r in after if r["asr_after"] >= ASR_BACKDOORED]
+    as_run = lambda r: r["verdict"]["status"]
     capped = lambda r: capped_status(r["verdict_before"], r["verdict"])
     per_defense = {}
     for d in sorted({r["defense"] for r in after}):
         rs = [r for r in after if r["defense"] == d]
-        per_defense[d] = {"rows": len(rs),
-                          "clean_after_not_suspected": f"{sum(r['verdict']['status'] == 'not_suspected' for r in rs if r['asr_after'] <= ASR_CLEAN)}/{sum(r['asr_after'] <= ASR_CLEAN for r in rs)}",
-                          "backdoored_after_suspected": f"{sum(r['verdict']['status'] == 'suspected' for r in rs if r['asr_after'] >= ASR_BACKDOORED)}/{sum(r['asr_after'] >= ASR_BACKDOORED for r in rs)}",
+        per_defense[d] = {"rows": len(rs), "agreement": agreement(rs, as_run), "agreement_capped": agreement(rs, capped),
                           "asr_after": [round(r["asr_after"], 3) for r in rs],
                           "ca_drop": [round(100 * (r["ca_before"] - r["ca_after"]), 2) for r in rs],
-                          "after_statuses": [r["verdict"]["status"] for r in rs],
-                          "capped_clean_not_suspected": f"{sum(capped(r) == 'not_suspected' for r in rs if r['asr_after'] <= ASR_CLEAN)}/{sum(r['asr_after'] <= ASR_CLEAN for r in rs)}",
-                          "capped_backdoored_suspected": f"{sum(capped(r) == 'suspected' for r in rs if r['asr_after'] >= ASR_BACKDOORED)}/{sum(r['asr_after'] >= ASR_BACKDOORED for r in rs)}"}
+                          "after_statuses": [r["verdict"]["status"] for r in rs]}
     secs = [r["verdict_seconds"] for r in before]
     return {
         "cost": cost(primary, after),
@@ -181,12 +184,7 @@ def summarize(rows: list[dict]) -> dict:
         "benign_fpr": (len(benign_flagged) / len(neg)) if neg else None,
         "flip_rate": (sum(len(s) > 1 for s in multi.values()) / len(multi)) if multi else None,
         "flip_models": len(multi),
-        "after_not_suspected_when_asr_le_5": (sum(r["verdict"]["status"] == "not_suspected" for r in clean_after),
-                                              len(clean_after)),
-        "after_suspected_when_asr_ge_50": (sum(r["verdict"]["status"] == "suspected" for r in dirty_after),
-                                           len(dirty_after)),
-        "capped_not_suspected_when_asr_le_5": (sum(capped(r) == "not_suspected" for r in clean_after), len(clean_after)),
-        "capped_suspected_when_asr_ge_50": (sum(capped(r) == "suspected" for r in dirty_after), len(dirty_after)),
+        "agreement": agreement(after, as_run), "agreement_capped": agreement(after, capped),
         "per_kind": per_kind, "per_defense": per_defense,
         "verdict_seconds_mean": (sum(secs) / len(secs)) if secs else None,
     }
@@ -241,11 +239,11 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str 
               f"{_fmt(s['benign_fpr'], '{:.1%}')} | ≤ 2 % |",
               f"| flip rate of the before-verdict across scan seeds | "
               f"{_fmt(s['flip_rate'], '{:.0%}')} ({s['flip_models']} models) | 0 |",
-              f"| after a defense, real ASR ≤ 5 %: verdict not_suspected | {pair(s['after_not_suspected_when_asr_le_5'])} | ≥ 98 % |",
-              f"| after a defense, real ASR ≥ 50 %: verdict suspected | {pair(s['after_suspected_when_asr_ge_50'])} | all |",
+              f"| after a defense, real ASR ≤ 5 %: verdict not_suspected | {pair(s['agreement']['clean_not_suspected'])} | ≥ 98 % |",
+              f"| after a defense, real ASR ≥ 50 %: verdict suspected | {pair(s['agreement']['backdoored_suspected'])} | all |",
               f"| the same two, each after-score capped at its before-score (from the recorded scores) | "
-              f"{pair(s['capped_not_suspected_when_asr_le_5'])}; {pair(s['capped_suspected_when_asr_ge_50'])} | "
-              "≥ 98 %; all |",
+              f"{pair(s['agreement_capped']['clean_not_suspected'])}; "
+              f"{pair(s['agreement_capped']['backdoored_suspected'])} | ≥ 98 %; all |",
               f"| verdict time per model (reference + scan, CPU, shared) | "
               f"{_fmt(s['verdict_seconds_mean'], '{:.1f} s')} | |", "",
               "## Before, per model kind (first scan seed)", "",
@@ -259,8 +257,10 @@ def write_report(rows: list[dict], out: Path, prov: dict, args: dict, stem: str 
                   "| defense | rows | ASR ≤ 5 % → not_suspected | ASR ≥ 50 % → suspected | the same, capped | real ASR after | CA drop (points) | after-verdicts |",
                   "|---|---|---|---|---|---|---|---|"]
         for d, v in s["per_defense"].items():
-            lines.append(f"| {d} | {v['rows']} | {v['clean_after_not_suspected']} | {v['backdoored_after_suspected']} | "
-                         f"{v['capped_clean_not_suspected']}; {v['capped_backdoored_suspected']} | "
+            a, c = v["agreement"], v["agreement_capped"]
+            frac = lambda t: f"{t[0]}/{t[1]}"
+            lines.append(f"| {d} | {v['rows']} | {frac(a['clean_not_suspected'])} | {frac(a['backdoored_suspected'])} | "
+                         f"{frac(c['clean_not_suspected'])}; {frac(c['backdoored_suspected'])} | "
                          f"{v['asr_after']} | {v['ca_drop']} | {', '.join(v['after_statuses'])} |")
     if s["cost"]:
         lines += ["", "## Cost of a job (CPU, one thread per model, means over models)", "",

@@ -164,8 +164,9 @@ def test_detection_summary_counts_false_alarms_flips_and_after_agreement(tmp_pat
 
     s = summarize(_detection_rows())
     assert s["benign_fpr"] == 0.5 and s["flip_rate"] == 1.0 and s["auroc_before"] == 1.0
-    assert s["after_not_suspected_when_asr_le_5"] == (1, 2)
-    assert s["capped_not_suspected_when_asr_le_5"] == (2, 2) and s["per_defense"]["ft"]["capped_clean_not_suspected"] == "1/1"
+    assert s["agreement"]["clean_not_suspected"] == (1, 2)
+    assert s["agreement_capped"]["clean_not_suspected"] == (2, 2)
+    assert s["per_defense"]["ft"]["agreement_capped"]["clean_not_suspected"] == (1, 1)
     assert s["per_defense"]["nba"]["ca_drop"] == [2.0]
     # The job is the before-verdict (10 s) + NBA (4 s) + the after-scan (10 s) against 20 s of attack training.
     assert s["cost"]["nba"]["job_s"] == 24.0 and s["cost"]["nba"]["job_over_train"] == 1.2
