@@ -46,7 +46,7 @@ if __name__ == "__main__":
             t0 = time.time()
             res = get_defense("nba", params).run(r.model, r.clean, ctx)
             secs = time.time() - t0
-            after, _ = session.judge(res.model)
+            after, _ = session.judge(res.model, before=verdict)
             row = {"seed": seed, "variant": name, "params": params, "asr_before": r.asr(r.model),
                    "verdict_before": verdict.status, "pairs_before": len(verdict.pairs), "asr": r.asr(res.model),
                    "ca_drop": 100 * (ca0 - clean_accuracy(res.model, r.test.x, r.test.y)), "after": after.status,

@@ -57,7 +57,7 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
         result = get_defense(*defense_spec(name)).run(r.model, r.clean, ctx)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        after, _ = session.judge(result.model)
+        after, _ = session.judge(result.model, before=verdict)  # as a job judges it
         log.add(base | {"defense": name, "scan_seed": scan_seeds[0], "verdict_before": verdict.to_dict(),
                         "verdict": after.to_dict(), "asr_after": r.asr(result.model),
                         "ca_after": clean_accuracy(result.model, r.test.x, r.test.y), "defense_seconds": seconds,

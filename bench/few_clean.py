@@ -59,7 +59,7 @@ def run_one(kind: str, seed: int, n: int, sanitize_seed: int, commit: str, param
     ctx = DefenseContext(spec=r.spec, device=pick_device("cpu"), generator=seed_everything(sanitize_seed),
                          seed=sanitize_seed, hflip=r.spec.in_channels == 3, verdict=(verdict, scan))
     result = get_defense("nba", parse_overrides(params)).run(r.model, clean, ctx)
-    after, _ = session.judge(result.model)
+    after, _ = session.judge(result.model, before=verdict)
     seconds = time.perf_counter() - t0
     ca_after = clean_accuracy(result.model, r.test.x, r.test.y)
     vb, va = verdict.to_dict(), after.to_dict()

@@ -331,8 +331,9 @@ def sanitize_loaded(model: torch.nn.Module, data: ImageSet, *, spec: ModelSpec, 
     t0 = time.perf_counter()
     after = _measure(result.model, **measure)
     if session is not None:
+        # Capped at the before-verdict: a class the defense made easier to reach is damage, not a backdoor.
         v_after, scan_after = session.judge(
-            result.model, lambda f: bar.emit("evaluate_after", _BEFORE + _DEFENSE + 0.09 * f))
+            result.model, lambda f: bar.emit("evaluate_after", _BEFORE + _DEFENSE + 0.09 * f), before=v_before)
         verdicts["after"] = session.report(v_after, scan_after)
         verdicts["change"] = compare(verdicts["before"], verdicts["after"])
         verdicts["headline"] = [verdict_headline(verdicts["before"], "before"),

@@ -19,7 +19,10 @@ with c the median patch log-ratio (a global difference in robustness between mod
 backdoor; in an all-to-all model the patch rows stay normal, so c stays honest for the shift rows). Each family's
 score is divided by its threshold (fitted on benign models of tuning seeds, never on a test trigger); the model
 score is the largest, and >= 1 means suspected. The after-verdict reuses the SAME reference scan, so before and
-after compare the same classes.
+after compare the same classes, and caps every score at its value before (`judge(before=...)`): a defense trains on
+clean data and cannot plant a backdoor, so a class it made easier to reach is damage (FT/NAD cost 4-30 CA points and
+pushed unrelated classes over the threshold; tuning seed 10: 12/13 -> 13/13 clean models cleared, 4/4 surviving
+backdoors still suspected).
 """
 
 from __future__ import annotations
@@ -238,8 +241,7 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     """Compare a model's scan with the reference's, class by class (module doc). With `unreliable_reference`
     (the benign reference could not be trained) the comparison means nothing either way: inconclusive.
     With `before` (the verdict on the model before a defense) every score is capped at its value before: a defense
-    trains on clean data only, so a class that got EASIER to reach is the defense's damage, not a backdoor
-    (after FT/NAD cost 4-20 CA points, non-target classes crossed the threshold on clean models)."""
+    trains on clean data only, so a class that got EASIER to reach is the defense's damage, not a backdoor."""
     th = {**THRESHOLDS, **(thresholds or {})}
     k = scan.num_classes
     patch_lr = [math.log(max(ref.patch_l1[i], 1e-3) / max(scan.patch_l1[i], 1e-3)) for i in range(k)]
