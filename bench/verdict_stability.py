@@ -60,11 +60,11 @@ def summarize(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for setting in sorted({r.get("scan", "") for r in rows}):
         rs = [r for r in rows if r.get("scan", "") == setting]
-        for k in (1, 2, "all"):
+        for k, field in ((1, "verdict_r1"), (2, "verdict_r2"), ("all", "verdict_all")):
             by = defaultdict(list)
             for r in rs:
-                if f"verdict_r{k}" in r or (k == "all" and "verdict_all" in r):
-                    by[(r["kind"], r["seed"])].append(r[f"verdict_r{k}" if k != "all" else "verdict_all"])
+                if field in r:
+                    by[(r["kind"], r["seed"])].append(r[field])
             ben = [v for (kind, _), vs in by.items() if kind == "none" for v in vs]
             bad = [v for (kind, _), vs in by.items() if kind != "none" for v in vs]
             if not ben or not bad:

@@ -20,9 +20,9 @@ backdoor; in an all-to-all model the patch rows stay normal, so c stays honest f
 score is divided by its threshold (fitted on benign models of tuning seeds, never on a test trigger); the model
 score is the largest, and >= 1 means suspected. The after-verdict reuses the SAME reference scan, so before and
 after compare the same classes, and caps every score at its value before (`judge(before=...)`): a defense trains on
-clean data and cannot plant a backdoor, so a class it made easier to reach is damage (FT/NAD cost 4-30 CA points and
-pushed unrelated classes over the threshold; tuning seed 10: 12/13 -> 13/13 clean models cleared, 4/4 surviving
-backdoors still suspected).
+clean data and cannot plant a backdoor, so a class it made easier to reach is damage (FT/NAD cost 4-33 CA points and
+pushed unrelated classes over the threshold; tuning seed 10: 14/15 -> 15/15 clean models cleared, 4/4 surviving
+backdoors still suspected, docs/benchmarks/detection_tuning_v2.md).
 """
 
 from __future__ import annotations
