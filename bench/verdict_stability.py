@@ -1,7 +1,7 @@
 """Verdict stability on TUNING models (issue 8): status, targets and score of the trigger-free verdict at several
 scan seeds, with one and with all of the scan's restarts (both read from one scan: each restart is kept).
 
-    python -m bench.verdict_stability [--kinds none badnets ...] [--seeds 10 11] [--scan-seeds 0 1 2]
+    python -m bench.verdict_stability [--kinds none badnets ...] [--seeds 10 11] [--scan-seeds 0 1 2] [--stem S]
                                       [--scan steps=40,batch_size=6]   # a cheaper scan, measured beside the default
 
 Rows go to docs/benchmarks/verdict_stability_tuning.jsonl (one per model and scan seed); the summary to the .md.
@@ -35,7 +35,7 @@ def run(kind: str, seed: int, scan_seed: int, scan_overrides: str = "") -> dict:
                                scan_settings=parse_overrides(scan_overrides))
     _, scan = session.judge(r.model)
     row = {"kind": kind, "seed": seed, "scan_seed": scan_seed, "scan": scan_overrides, "asr": r.asr(r.model),
-           "reference_seconds": session.reference_seconds,
+           "reference_seconds": session.reference_seconds, "train_seconds": r.meta.get("seconds"),
            "seconds": time.perf_counter() - t0, "scan_seconds": scan.seconds,
            "restarts": len(scan.patch_l1_restarts), "reference_epochs": V.REFERENCE["epochs"],
            "patch_l1_restarts": scan.patch_l1_restarts,
@@ -96,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument("--scan", default="", help="overrides of nba_core.verdict.SCAN, e.g. steps=40,batch_size=6 "
                    "(rows are kept per setting, so a cheaper scan is measured beside the default)")
+    p.add_argument("--stem", default=STEM, help="file stem of the rows and report (a separate study keeps its own)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     if min(args.seeds + args.benign_seeds) < 10:
         p.error("tuning seeds only (>= 10): the reported seeds 0-9 are for bench.detection")
-    log = RowLog(args.out / f"{STEM}.jsonl", KEY)
+    log = RowLog(args.out / f"{args.stem}.jsonl", KEY)
     for r in log.rows:
         r.setdefault("scan", "")  # rows from before --scan existed ran the default
     prov = provenance()
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
           f"`python -m bench.verdict_stability` — report written at commit `{str(prov['commit'])[:10]}`, {prov['when']}. "
           "Tuning seeds only: where the scan's restarts (2) and the benign reference's epochs (30) were chosen. "
           "Both columns come from the same scans (each restart is kept; '1 restart' uses the first).", ""]
-    (args.out / f"{STEM}.md").write_text("\n".join(md + summarize(list(rows.values()))) + "\n")
+    (args.out / f"{args.stem}.md").write_text("\n".join(md + summarize(list(rows.values()))) + "\n")
     return 0
 
 
