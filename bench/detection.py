@@ -22,7 +22,7 @@ ASR_CLEAN, ASR_BACKDOORED = 0.05, 0.50  # the issue's agreement bands for the af
 
 
 def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], log: RowLog, commit: str,
-              dataset: str = "mnist5k") -> None:
+              dataset: str = "mnist5k", scan: str = "") -> None:
     import torch
 
     from nba_core.defenses import get_defense
@@ -36,11 +36,12 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
     k = r.spec.num_classes
     base = {"dataset": dataset, "kind": kind, "seed": seed, "truth": truth(kind), "asr_before": r.asr(r.model),
             "ca_before": clean_accuracy(r.model, r.test.x, r.test.y), "attack_train_seconds": r.meta["seconds"],
-            "clean_subset_size": len(r.clean), "commit": commit}
+            "clean_subset_size": len(r.clean), "commit": commit, "scan": scan}
     sessions = {}
     for s in scan_seeds:
         t0 = time.perf_counter()
-        session = VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=k, seed=s)
+        session = VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=k, seed=s,
+                                 scan_settings=parse_overrides(scan))
         verdict, scan = session.judge(r.model)
         sessions[s] = (session, verdict, scan)
         if not log.has(kind=kind, seed=seed, defense="none", scan_seed=s):
@@ -77,9 +78,9 @@ def unit_done(log: RowLog, kind: str, seed: int, defenses: list[str], scan_seeds
 
 
 def run_unit(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], rows_path: Path, commit: str,
-             dataset: str) -> None:
+             dataset: str, scan: str = "") -> None:
     """One model in a spawned process: its own view of the rows file, to which it appends."""
-    run_model(kind, seed, defenses, scan_seeds, RowLog(rows_path, KEY), commit, dataset=dataset)
+    run_model(kind, seed, defenses, scan_seeds, RowLog(rows_path, KEY), commit, dataset=dataset, scan=scan)
 
 
 def run_units(units: list[tuple[str, int]], args, rows_path: Path, commit: str) -> None:
@@ -90,7 +91,7 @@ def run_units(units: list[tuple[str, int]], args, rows_path: Path, commit: str) 
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(run_unit, kind, seed, args.defenses, args.scan_seeds, rows_path, commit,
-                               args.dataset): (kind, seed) for kind, seed in units}
+                               args.dataset, args.scan): (kind, seed) for kind, seed in units}
         for fut in as_completed(futures):
             fut.result()
             kind, seed = futures[fut]
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stem", default=None, help="default: detection, or detection_<dataset> for other datasets")
     p.add_argument("--note", default="")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the rows already there")
+    p.add_argument("--scan", default="", help="overrides of nba_core.verdict.SCAN for every scan (e.g. "
+                   "steps=40,batch_size=6: a cheaper scan measured on tuning seeds under its own --stem); NBA gets "
+                   "that scan's verdict as a job hands it over")
     p.add_argument("--jobs", type=int, default=1,
                    help="models scanned in parallel processes (one thread each; 2 on a 2-core machine)")
     args = p.parse_args(argv)
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             log.rows = list(first.values())
         else:
             for kind, seed in todo:
-                run_model(kind, seed, args.defenses, args.scan_seeds, log, prov["commit"], dataset=args.dataset)
+                run_model(kind, seed, args.defenses, args.scan_seeds, log, prov["commit"], dataset=args.dataset,
+                          scan=args.scan)
                 print(f"done {kind} seed {seed} after {time.perf_counter() - t0:.0f} s", flush=True)
     import sys
 
