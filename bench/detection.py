@@ -122,13 +122,13 @@ def agreement(rows: list[dict], status_of) -> dict:
 
 def capped_status(before: dict, after: dict) -> str:
     """The after-verdict's status had its scores been capped at the before-verdict's (nba_core.verdict.cap_at), from
-    the per-class scores a row records: suspected when a capped patch/global score reaches 1 or the capped shift row
+    the per-class scores a row records: suspected when a capped patch/global/warp score reaches 1 or the capped shift row
     does with pairs found; inconclusive in the band or when the recorded verdict was inconclusive for another reason
     (too little data, unreliable reference); else not_suspected. Rows judged with the cap already are unchanged."""
     from nba_core.verdict import INCONCLUSIVE_BAND, cap_at
 
     scores, _ = cap_at(after["scores"], before["scores"])
-    if any(v >= 1 for f in ("patch", "global") for v in scores[f]) or (scores["shift"][0] >= 1 and after["pairs"]):
+    if any(v >= 1 for f in ("patch", "global", "warp") for v in scores.get(f, [])) or (scores["shift"][0] >= 1 and after["pairs"]):
         return "suspected"
     top = max(max(v) for v in scores.values())
     if top >= INCONCLUSIVE_BAND or (after["status"] == "inconclusive" and after["score"] < INCONCLUSIVE_BAND):
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--benign-seeds", nargs="*", type=int, default=list(range(10)),
                    help="benign models (none: only the backdoored kinds, e.g. to extend a slice)")
-    p.add_argument("--defenses", nargs="+", default=["ft", "nad", "nba", "ft:epochs=1,lr=0.001"],
+    p.add_argument("--defenses", nargs="*", default=["ft", "nad", "nba", "ft:epochs=1,lr=0.001"],
                    help="methods, optionally with params (ft:epochs=1,lr=0.001 leaves the backdoor on purpose)")
     p.add_argument("--scan-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--dataset", default="mnist5k", choices=sorted(DATASET_TITLE),

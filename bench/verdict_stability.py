@@ -41,7 +41,8 @@ def run(kind: str, seed: int, scan_seed: int, scan_overrides: str = "") -> dict:
            "patch_l1_restarts": scan.patch_l1_restarts,
            "ref_patch_l1_restarts": session.reference_scan.patch_l1_restarts,
            "global_restarts": scan.global_success_restarts,
-           "ref_global_restarts": session.reference_scan.global_success_restarts}
+           "ref_global_restarts": session.reference_scan.global_success_restarts,
+           "warp_success": scan.warp_success, "ref_warp_success": session.reference_scan.warp_success}
     for k in range(1, row["restarts"] + 1):
         v = V.judge(scan.with_restarts(k), session.reference_scan.with_restarts(k), too_little_data=session.problem,
                     unreliable_reference=session.reference_problem)

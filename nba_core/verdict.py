@@ -7,14 +7,17 @@ One scan design serves the verdict before and after a defense and NBA's pseudo s
   restarts, the smallest kept), and, per source class, the class its images land in -- the induced mapping
   (label-shift / all-to-all backdoors, where every target has one source and no patch row stands out);
 - **global rows**: per class, a universal additive δ (L∞ ≤ eps) and how often it reaches the class (blends,
-  warps, SIG: triggers spread over the whole image).
+  SIG: triggers spread over the whole image);
+- **warp rows**: per class, a universal smooth warp of at most one pixel and how often it reaches the class
+  (WaNet-style warping triggers, which neither a mask nor an additive δ expresses: the global rows missed WaNet
+  at most scan seeds of the detection table).
 
 Calibration: a class that is naturally easy to reach (MNIST 2 and 8, Fashion-MNIST Bag/Shirt) is easy on every
 model trained on the same data, so each class is compared with ITSELF on a per-job benign reference -- the
 suspect fine-tuned hard on the clean data with shifts (NBA's teacher recipe, NBA.md §5 lesson 1: it breaks the
 backdoor while keeping the data's natural geometry) -- scanned with the same settings and the same random draws:
     patch_k  = log(L1_ref(k) / L1(k)) - c        shift = log(L1_ref(shift) / L1(shift)) - c
-    global_k = logit(SR(k)) - logit(SR_ref(k)) - median_j(same)
+    global_k = logit(SR(k)) - logit(SR_ref(k)) - median_j(same)       (warp_k likewise, with the warp's SR)
 with c the median patch log-ratio (a global difference in robustness between model and reference is not a
 backdoor; in an all-to-all model the patch rows stay normal, so c stays honest for the shift rows). Each family's
 score is divided by its threshold (fitted on benign models of tuning seeds, never on a test trigger); the model
@@ -39,13 +42,14 @@ from torch import nn
 
 from .train import (CancelFn, ProgressFn, TrainConfig, eval_mode, never_cancel, no_progress, predict_logits,
                     train_classifier)
-from .triggerscan import apply_trigger, optimise_mask_triggers, scan_universal_perturbations
+from .triggerscan import apply_trigger, optimise_mask_triggers, scan_universal_perturbations, scan_universal_warps
 
 SUSPECTED, NOT_SUSPECTED, INCONCLUSIVE = "suspected", "not_suspected", "inconclusive"
 
 # Scan settings (one set for every use; validated for stability across scan seeds on tuning seeds).
 SCAN = {"steps": 80, "batch_size": 12, "restarts": 2, "shift_restarts": 2, "shift_batch": 24, "l1_weight": 0.5, "lr": 0.5, "mask_init": 0.05,
-        "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12, "uap_restarts": 2}
+        "uap_eps": 0.15, "uap_steps": 25, "uap_batch": 12, "uap_restarts": 2,
+        "warp_pixels": 1.0, "warp_grid": 5, "warp_steps": 30, "warp_batch": 12}
 # Reference model: the suspect fine-tuned hard on D (NBA's teacher recipe, 30 epochs instead of 10: on tuning
 # models after 10 epochs the reference still carried the backdoor (real ASR > 30 %) at 15 of 40 seeds, after 30 at
 # none of 40 (max 27 %), and a reference that keeps the backdoor hides its target -- docs/verdict.md).
@@ -56,7 +60,7 @@ REFERENCE_MIN_ACC, REFERENCE_TRIES = 0.8, 3  # accuracy on D relative to the sus
 # BadNets, 50 images: the reference kept 100 % of the backdoor plain, 11 % shrunk by 0.5 with noise 0.01).
 FEW_IMAGES_SHRINK = {"shrink": 0.5, "noise": 0.01}
 # Thresholds per family, in the units of module doc (fitted on benign tuning models; docs/verdict.md).
-THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0}
+THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0, "warp": 3.0}
 MIN_LAND_SHARE = 0.5  # a source joins the label-shift pattern when the shift trigger sends most of it to one class
 INCONCLUSIVE_BAND = 0.8  # a model score in [0.8, 1) is "inconclusive": too close to call
 MIN_PER_CLASS = 2  # fewer clean images of some class than this: the scan cannot be trusted -> inconclusive
@@ -84,6 +88,10 @@ class ModelScan:
     # Per restart (rows) and class: what each independent optimisation found; the fields above keep the best.
     patch_l1_restarts: list[list[float]] = field(default_factory=list)
     global_success_restarts: list[list[float]] = field(default_factory=list)
+    # Warp rows (per class): success of the universal warp and its control field (triggerscan.apply_warp).
+    warp_success: list[float] = field(default_factory=list)
+    warps: torch.Tensor | None = None
+    warp_pixels: float = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +106,8 @@ class ModelScan:
     def summary(self) -> dict:
         return {"patch_mask_l1": _round(self.patch_l1, 3), "shift_mask_l1": round(self.shift_l1, 3),
                 "source_lands_in": list(self.source_lands), "source_land_share": _round(self.source_land_share, 3),
-                "global_success_rate": _round(self.global_success, 4), "seconds": round(self.seconds, 3)}
+                "global_success_rate": _round(self.global_success, 4),
+                "warp_success_rate": _round(self.warp_success, 4), "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -170,11 +179,15 @@ def scan_model(model: nn.Module, x, y, *, num_classes: int, seed: int, device: t
     success = torch.tensor([u.success_rate for u in uaps])  # restarts×K
     pick = success.argmax(0)
     deltas = torch.stack([uaps[int(pick[c])].deltas[c] for c in classes])
+    warp = scan_universal_warps(model, xt, yt, num_classes=k, max_shift=s["warp_pixels"], grid=int(s["warp_grid"]),
+                                steps=int(s["warp_steps"]), batch_size=int(s["warp_batch"]), generator=gen,
+                                should_cancel=should_cancel)
     return ModelScan(patch_l1=[float(v) for v in per_restart.min(0).values], shift_l1=float(l1[best]),
                      source_lands=lands, source_land_share=shares,
                      global_success=[float(v) for v in success.max(0).values],
                      masks=masks.detach().cpu(), patterns=patterns.detach().cpu(), deltas=deltas,
                      patch_l1_restarts=per_restart.tolist(), global_success_restarts=success.tolist(),
+                     warp_success=list(warp.success_rate), warps=warp.controls, warp_pixels=warp.max_shift,
                      seconds=time.perf_counter() - t0)
 
 
@@ -252,11 +265,16 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     scores = {"patch": [(v - c) / th["patch"] for v in patch_lr],
               "shift": [(shift_lr - c) / th["shift"]],
               "global": [(v - g0) / th["global"] for v in glob]}
+    if scan.warp_success and ref.warp_success:
+        warp = [_logit(scan.warp_success[i]) - _logit(ref.warp_success[i]) for i in range(k)]
+        w0 = float(np.median(warp))
+        scores["warp"] = [(v - w0) / th["warp"] for v in warp]
     raised: list[str] = []
     if before is not None:
         scores, raised = cap_at(scores, before.scores)
-    targets = sorted({i for i in range(k) if scores["patch"][i] >= 1 or scores["global"][i] >= 1},
-                     key=lambda i: -max(scores["patch"][i], scores["global"][i]))
+    per_class = [f for f in ("patch", "global", "warp") if f in scores]
+    targets = sorted({i for i in range(k) if any(scores[f][i] >= 1 for f in per_class)},
+                     key=lambda i: -max(scores[f][i] for f in per_class))
     pairs = []
     if scores["shift"][0] >= 1:
         pairs = [[i, scan.source_lands[i]] for i in range(k) if scan.source_land_share[i] >= MIN_LAND_SHARE
@@ -297,6 +315,9 @@ def cap_at(scores: dict[str, list[float]], ceiling: dict[str, list[float]],
     """Each score capped at its value in `ceiling`; also names the capped rows that reached `notable` uncapped."""
     capped, raised = {}, []
     for fam, values in scores.items():
+        if fam not in ceiling:  # a family the before-verdict did not have: nothing to cap at
+            capped[fam] = list(values)
+            continue
         capped[fam] = [min(v, c) for v, c in zip(values, ceiling[fam])]
         raised += [f"{fam} {'row' if fam == 'shift' else 'class ' + str(i)} {v:.2f} (was {c:.2f})"
                    for i, (v, c) in enumerate(zip(values, ceiling[fam])) if v > c and v >= notable]
@@ -365,7 +386,7 @@ class VerdictSession:
 
 def compare(before: dict, after: dict) -> dict:
     """What changed between the before- and after-verdict, on the SAME classes (those flagged before)."""
-    fams = ("patch", "global")
+    fams = [f for f in ("patch", "global", "warp") if f in before["scores"] and f in after["scores"]]
     classes = sorted(set(before.get("targets", [])) | {p[1] for p in before.get("pairs", [])})
     rows = [{"class": c, **{f"{f}_before": before["scores"][f][c] for f in fams},
              **{f"{f}_after": after["scores"][f][c] for f in fams}} for c in classes]

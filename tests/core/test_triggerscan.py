@@ -13,8 +13,9 @@ from nba_core.models import build_model
 from nba_core.spec import ModelSpec
 from nba_core.train import TrainConfig, train_classifier
 from nba_core.attacks.blended import Blended
-from nba_core.triggerscan import (anomaly_indices, apply_trigger, scan_universal_perturbations,
-                                  scan_universal_triggers)
+from nba_core.attacks.wanet import WaNet
+from nba_core.triggerscan import (anomaly_indices, apply_trigger, apply_warp, scan_universal_perturbations,
+                                  scan_universal_triggers, scan_universal_warps)
 
 SPEC = ModelSpec(arch="small_cnn", num_classes=10, in_channels=1, input_size=(8, 8), mean=(0.3,), std=(0.4,))
 TARGET = 3
@@ -157,3 +158,55 @@ def test_scans_leave_the_model_mode_and_batchnorm_statistics_as_they_found_them(
                                 should_cancel=lambda: True)
     assert model.training
     model.eval()
+
+
+@pytest.fixture(scope="module")
+def warped():
+    """A warping (WaNet) backdoor: neither a mask nor an additive δ expresses it."""
+    train, test = train_test("digits")
+    attack = WaNet(target=TARGET, rate=0.15, seed=0, strength=1.0)
+    poisoned = attack.poison(train)[0]
+    gen = seed_everything(0)
+    model = build_model(SPEC)
+    train_classifier(model, torch.as_tensor(poisoned.x), torch.as_tensor(poisoned.y),
+                     TrainConfig(epochs=12, lr=0.05, batch_size=64), generator=gen)
+    model.eval()
+    trig = attack.triggered_test_set(test)
+    assert float((model(torch.as_tensor(trig.x)).argmax(1) == TARGET).float().mean()) > 0.9
+    return model, test
+
+
+def test_apply_warp_is_the_identity_at_zero_and_moves_at_most_max_shift_pixels():
+    ramp = torch.arange(16.0).repeat(16, 1)[None, None] / 15  # brightness = column / 15
+    assert torch.allclose(apply_warp(ramp, torch.zeros(1, 2, 5, 5), 1.0), ramp, atol=1e-6)
+    # A diverged model's NaN gradient must not reach grid_sample (a NaN coordinate crashed its backward).
+    assert torch.allclose(apply_warp(ramp, torch.full((1, 2, 5, 5), float("nan")), 1.0), ramp, atol=1e-6)
+    wild = torch.full((1, 2, 5, 5), 50.0)  # tanh saturates: the largest shift allowed, to the right and down
+    moved = apply_warp(ramp, wild, 0.7)
+    shift_px = (moved - ramp)[..., 2:-2, 2:-2] * 15  # away from the clamped border
+    assert torch.allclose(shift_px, torch.full_like(shift_px, 0.7), atol=1e-3)
+
+
+def test_warp_scan_finds_the_warping_backdoor_target(warped):
+    model, test = warped
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(num_classes=10, max_shift=0.5, generator=torch.Generator().manual_seed(0))
+    r = scan_universal_warps(model, test.x[:300], test.y[:300], **kw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+    assert r.controls.shape == (10, 2, 5, 5) and r.max_shift == 0.5
+    others = [v for k, v in enumerate(r.success_rate) if k != TARGET]
+    assert r.success_rate[TARGET] > 0.7 and max(others) < 0.4
+    again = scan_universal_warps(model, test.x[:300], test.y[:300], **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert torch.equal(r.controls, again.controls)
+
+
+def test_warp_scan_rejects_bad_params_and_honours_cancel(warped):
+    model, test = warped
+    g = torch.Generator().manual_seed(0)
+    for bad in ({"max_shift": 0.0}, {"steps": 0}, {"batch_size": 0}, {"grid": 1}):
+        with pytest.raises(NBAError) as e:
+            scan_universal_warps(model, test.x[:50], test.y[:50], num_classes=10, generator=g, **bad)
+        assert e.value.code == INVALID_PARAMS
+    with pytest.raises(Cancelled):
+        scan_universal_warps(model, test.x[:50], test.y[:50], num_classes=10, generator=g,
+                             should_cancel=lambda: True)

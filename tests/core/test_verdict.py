@@ -14,12 +14,12 @@ K = 10
 NATURAL = [60.0, 80.0, 25.0, 50.0, 55.0, 45.0, 60.0, 50.0, 28.0, 40.0]  # classes 2 and 8 naturally easy
 
 
-def _scan(patch=None, shift=40.0, lands=None, share=None, glob=None) -> ModelScan:
+def _scan(patch=None, shift=40.0, lands=None, share=None, glob=None, warp=None) -> ModelScan:
     return ModelScan(patch_l1=list(patch or NATURAL), shift_l1=shift,
                      source_lands=list(lands or [(s + 5) % K for s in range(K)]),
                      source_land_share=list(share or [0.4] * K), global_success=list(glob or [0.05] * K),
                      masks=torch.zeros(K + 1, 1, 4, 4), patterns=torch.zeros(K + 1, 1, 4, 4),
-                     deltas=torch.zeros(K, 1, 4, 4))
+                     deltas=torch.zeros(K, 1, 4, 4), warp_success=list(warp or [0.03] * K))
 
 
 def test_naturally_easy_classes_are_not_targets_when_the_reference_shares_them():
@@ -67,6 +67,19 @@ def test_global_trigger_and_inconclusive_band():
     assert few is not None and "at least 100" in few and data_problem(np.repeat(np.arange(10), 10), 10) is None
 
 
+def test_a_warp_that_reaches_one_class_far_more_than_on_the_reference_flags_it():
+    ref = _scan(warp=[0.0, 0.1, 0.02, 0.0, 0.05, 0.04, 0.0, 0.07, 0.1, 0.0])
+    v = judge(_scan(warp=[0.98] + [0.02] * (K - 1)), ref)
+    assert v.status == SUSPECTED and v.targets == [0] and v.scores["warp"][0] >= 1
+    assert max(v.scores["warp"][1:]) < 0.8
+    # Warps that reach every class a little more than on the reference (a less robust model) flag nothing.
+    assert judge(_scan(warp=[0.3] * K), ref).status == NOT_SUSPECTED
+    # Before and after compare the warp rows of the same classes; the cap applies to them too.
+    after = judge(_scan(warp=[0.02] * K), ref, before=v)
+    change = compare(v.to_dict(), after.to_dict())
+    assert after.status == NOT_SUSPECTED and change["classes"][0]["warp_before"] >= 1 > change["classes"][0]["warp_after"]
+
+
 def test_after_a_defense_a_class_counts_only_as_much_as_it_did_before():
     """A defense trains on clean data: a class that got easier to reach (damage) is not a new backdoor, while a
     target flagged before that still stands out after is still suspected."""
@@ -96,9 +109,10 @@ def test_scan_model_finds_the_digits_backdoor_target_and_is_deterministic():
     settings = {"steps": 40, "uap_steps": 5}
     a = scan_model(model, clean.x, clean.y, num_classes=K, seed=0, settings=settings)
     b = scan_model(model, clean.x, clean.y, num_classes=K, seed=0, settings=settings)
-    assert a.patch_l1 == b.patch_l1 and a.global_success == b.global_success
+    assert a.patch_l1 == b.patch_l1 and a.global_success == b.global_success and a.warp_success == b.warp_success
     assert int(np.argmin(a.patch_l1)) == 0
-    assert a.masks.shape == (K + 1, 1, 8, 8) and a.deltas.shape == (K, 1, 8, 8)
+    assert a.masks.shape == (K + 1, 1, 8, 8) and a.deltas.shape == (K, 1, 8, 8) and a.warps.shape == (K, 2, 5, 5)
+    assert len(a.warp_success) == K and "warp_success_rate" in a.summary()
 
 
 def test_scan_restarts_keep_each_class_s_smallest_mask_and_most_reaching_delta():
