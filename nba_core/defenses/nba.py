@@ -24,7 +24,7 @@ from ..device import to_device
 from ..errors import INVALID_PARAMS, NBAError
 from ..models.base import SpecModel, capture_outputs
 from ..train import TrainConfig, eval_mode, predict_logits, train_classifier
-from ..triggerscan import apply_trigger, optimise_mask_triggers
+from ..triggerscan import apply_trigger, apply_warp, optimise_mask_triggers
 from ..verdict import SCAN, ModelScan, Verdict, judge, scan_model
 from .base import Defense, DefenseContext, DefenseResult, StageTimer, param
 from .behavior import REPRESENTATIONS, behavior_distance
@@ -75,6 +75,9 @@ class NBAConfig:
     uap_top_k: int = param(1, "when no class is flagged by the global rows: how many classes (by global score) get "
                            "a universal perturbation (class_scan+universal)")
     uap_steps: int = param(SCAN["uap_steps"], "steps of the universal-perturbation scan (class_scan+universal)")
+    # A class flagged by the verdict's warp rows (a warping trigger, WaNet) also gets its universal warp as a
+    # pseudo trigger, on half of the patch-stamped rows, re-optimised against the student as the δ is.
+    warp_pseudo: bool = param(True, "when the verdict's warp rows flag a class: also unlearn its universal warp")
     stack_delta: bool = param(False, "put the perturbation on top of the patch-stamped images instead of on "
                               "separate images")
     pseudo_steps: int = param(5, "signed-gradient steps per batch for per_sample / universal pseudo samples")
@@ -150,6 +153,9 @@ class Suspects:
     classes: list[int]
     deltas: torch.Tensor
     delta_classes: list[int]
+    warps: torch.Tensor | None = None  # control fields of the warp-flagged classes (triggerscan.apply_warp)
+    warp_classes: tuple[int, ...] = ()
+    warp_pixels: float = 0.0
 
     @classmethod
     def from_verdict(cls, verdict: Verdict, scan: ModelScan, *, top_k: int = 1, uap_top_k: int = 1,
@@ -167,8 +173,12 @@ class Suspects:
         if uap_top_k > 0:  # 0: the caller switched the δ off (pseudo="class_scan")
             glob += [c for c in landing if c not in glob]
         rows = list(patch) + ([k] if verdict.pairs else [])
+        warped = [c for c in verdict.targets if verdict.scores.get("warp", [0.0] * k)[c] >= 1]
+        has_warps = bool(warped) and scan.warps is not None
         return cls(masks=scan.masks[rows], patterns=scan.patterns[rows], classes=list(patch) + [-1] * bool(verdict.pairs),
-                   deltas=scan.deltas[glob] if glob else scan.deltas[:0], delta_classes=list(glob))
+                   deltas=scan.deltas[glob] if glob else scan.deltas[:0], delta_classes=list(glob),
+                   warps=scan.warps[warped] if has_warps else None, warp_classes=tuple(warped) if has_warps else (),
+                   warp_pixels=scan.warp_pixels)
 
 
 class _ClassScanPseudo(_Pseudo):
@@ -191,6 +201,19 @@ class _ClassScanPseudo(_Pseudo):
         self.delta_suspects = suspects.delta_classes if cfg.scan_eps > 0 else []
         self.delta = suspects.deltas[: len(self.delta_suspects)].to(x.device).clone().clamp(-cfg.scan_eps,
                                                                                              cfg.scan_eps)
+        self.warp_suspects = list(suspects.warp_classes) if cfg.warp_pseudo else []
+        self.warps = suspects.warps.to(x.device).clone() if self.warp_suspects else None
+        self.warp_pixels = suspects.warp_pixels
+
+    def _update_warps(self, model, xb: torch.Tensor) -> None:
+        """One signed-gradient step per warp suspect towards 'classified as the suspect' (model mode restored)."""
+        with eval_mode(model):
+            for i, k in enumerate(self.warp_suspects):
+                control = self.warps[i : i + 1].clone().requires_grad_(True)
+                logits = model(apply_warp(xb, control, self.warp_pixels)).float()
+                loss = F.cross_entropy(logits, torch.full((len(xb),), k, device=xb.device))
+                (g,) = torch.autograd.grad(loss, [control])
+                self.warps[i] = self.warps[i] - 0.05 * torch.nan_to_num(g[0]).sign()
 
     def _update_delta(self, model, xb: torch.Tensor) -> None:
         """One signed-gradient step per suspect towards 'classified as the suspect' (model mode restored)."""
@@ -206,6 +229,14 @@ class _ClassScanPseudo(_Pseudo):
     def make(self, student, teacher, xb, yb):
         which = torch.randint(len(self.suspects), (len(xb),), generator=self.gen).to(xb.device)
         out = apply_trigger(xb, self.masks[which], self.patterns[which])
+        if self.warp_suspects:
+            self._update_warps(student, xb)
+            # Rows 4 mod 8 (2 mod 4 without clean rows mixed in): the universal warp instead of the patch.
+            rows = torch.arange(len(xb), device=xb.device)
+            on = rows % 8 == 4 if self.cfg.pseudo_mix else rows % 4 == 2
+            which_w = torch.randint(len(self.warp_suspects), (len(xb),), generator=self.gen).to(xb.device)
+            warped = apply_warp(xb, self.warps[which_w], self.warp_pixels).clamp(0, 1)
+            out = torch.where(on.view(-1, 1, 1, 1), warped, out)
         if self.delta_suspects:
             self._update_delta(student, xb)
             # Rows 2 mod 4 (1 mod 2 when the caller does not mix in clean rows): the additive δ.
@@ -400,6 +431,7 @@ class NBA(Defense):
                                                  pair_patches=cfg.pair_patches)
                 info["suspect_classes"] = suspects.classes
                 info["uap_suspects"] = suspects.delta_classes
+                info["warp_suspects"] = list(suspects.warp_classes) if cfg.warp_pseudo else []
                 pseudo = _ClassScanPseudo(suspects, x_fit, y_fit, cfg, ctx.generator, ctx.should_cancel)
             elif cfg.pseudo in ("per_sample", "universal"):
                 pseudo = _DisagreementPseudo(cfg.pseudo == "universal", cfg, reps, layers, clean.shape, dev,

@@ -94,6 +94,7 @@ def test_deterministic_per_seed(setup):
     {"pseudo": "class_scan", "top_k": 2, "refresh_every": 1, "refresh_steps": 2, "scan_eps": 0.1},
     {"pseudo": "class_scan+universal", "scan_eps": 0.1, "uap_top_k": 2, "uap_steps": 3},
     {"pseudo": "class_scan", "scan_eps": 0.0}, {"pseudo_mix": False}, {"stack_delta": True},
+    {"warp_pseudo": False},
     {"kl_weight": 1.0, "gamma": 1.0}, {"beta": 0.0}, {"holdout_fraction": 0.2}, {"suspect_kd": 1.0},
 ])
 def test_every_ablation_switch_runs(setup, switch):
@@ -158,6 +159,25 @@ def test_label_shift_suspects_add_every_landing_class_only_when_asked():
     assert both.delta_classes == [2, 1, 3] and torch.equal(both.deltas[1], scan.deltas[1])
     no_delta = Suspects.from_verdict(verdict, scan, uap_top_k=0, pair_patches=True)
     assert no_delta.delta_classes == []  # pseudo="class_scan" switches the δ off, landing classes included
+
+
+def test_warp_flagged_targets_hand_nba_their_universal_warps():
+    from nba_core.defenses.nba import Suspects
+    from nba_core.verdict import ModelScan, Verdict
+
+    k = 4
+    scan = ModelScan(patch_l1=[5.0] * k, shift_l1=9.0, source_lands=[1, 2, 3, 0], source_land_share=[0.1] * k,
+                     global_success=[0.1] * k, masks=torch.rand(k + 1, 1, 8, 8), patterns=torch.rand(k + 1, 1, 8, 8),
+                     deltas=torch.rand(k, 1, 8, 8), warp_success=[0.0, 0.0, 1.0, 0.0], warps=torch.randn(k, 2, 5, 5),
+                     warp_pixels=1.0)
+    scores = {"patch": [0.1, 0.9, 0.2, 0.3], "global": [0.1] * k, "shift": [0.0], "warp": [0.0, 0.1, 2.5, 0.2]}
+    s = Suspects.from_verdict(Verdict("suspected", [2], [], 2.5, scores), scan)
+    assert s.classes == [2] and s.warp_classes == (2,) and torch.equal(s.warps[0], scan.warps[2]) and s.warp_pixels == 1.0
+    # A target flagged by another family, or a verdict from before the warp rows, brings no warp.
+    patch_only = {**scores, "patch": [0.1, 1.5, 0.2, 0.3], "warp": [0.0] * k}
+    assert Suspects.from_verdict(Verdict("suspected", [1], [], 1.5, patch_only), scan).warp_classes == ()
+    old = {f: v for f, v in scores.items() if f != "warp"}
+    assert Suspects.from_verdict(Verdict("suspected", [2], [], 2.5, old), scan).warps is None
 
 
 def test_a_small_clean_set_gets_more_student_epochs_unless_the_user_set_them(setup):
