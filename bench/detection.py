@@ -22,7 +22,7 @@ ASR_CLEAN, ASR_BACKDOORED = 0.05, 0.50  # the issue's agreement bands for the af
 
 
 def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], log: RowLog, commit: str,
-              dataset: str = "mnist5k", scan: str = "") -> None:
+              dataset: str = "mnist5k", scan_overrides: str = "") -> None:
     import torch
 
     from nba_core.defenses import get_defense
@@ -36,12 +36,12 @@ def run_model(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], 
     k = r.spec.num_classes
     base = {"dataset": dataset, "kind": kind, "seed": seed, "truth": truth(kind), "asr_before": r.asr(r.model),
             "ca_before": clean_accuracy(r.model, r.test.x, r.test.y), "attack_train_seconds": r.meta["seconds"],
-            "clean_subset_size": len(r.clean), "commit": commit, "scan": scan}
+            "clean_subset_size": len(r.clean), "commit": commit, "scan": scan_overrides}
     sessions = {}
     for s in scan_seeds:
         t0 = time.perf_counter()
         session = VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=k, seed=s,
-                                 scan_settings=parse_overrides(scan))
+                                 scan_settings=parse_overrides(scan_overrides))
         verdict, scan = session.judge(r.model)
         sessions[s] = (session, verdict, scan)
         if not log.has(kind=kind, seed=seed, defense="none", scan_seed=s):
@@ -80,7 +80,7 @@ def unit_done(log: RowLog, kind: str, seed: int, defenses: list[str], scan_seeds
 def run_unit(kind: str, seed: int, defenses: list[str], scan_seeds: list[int], rows_path: Path, commit: str,
              dataset: str, scan: str = "") -> None:
     """One model in a spawned process: its own view of the rows file, to which it appends."""
-    run_model(kind, seed, defenses, scan_seeds, RowLog(rows_path, KEY), commit, dataset=dataset, scan=scan)
+    run_model(kind, seed, defenses, scan_seeds, RowLog(rows_path, KEY), commit, dataset=dataset, scan_overrides=scan)
 
 
 def run_units(units: list[tuple[str, int]], args, rows_path: Path, commit: str) -> None:
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for kind, seed in todo:
                 run_model(kind, seed, args.defenses, args.scan_seeds, log, prov["commit"], dataset=args.dataset,
-                          scan=args.scan)
+                          scan_overrides=args.scan)
                 print(f"done {kind} seed {seed} after {time.perf_counter() - t0:.0f} s", flush=True)
     import sys
 
