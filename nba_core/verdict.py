@@ -9,8 +9,8 @@ One scan design serves the verdict before and after a defense and NBA's pseudo s
 - **global rows**: per class, a universal additive δ (L∞ ≤ eps) and how often it reaches the class (blends,
   SIG: triggers spread over the whole image);
 - **warp rows**: per class, a universal smooth warp of at most one pixel and how often it reaches the class
-  (WaNet-style warping triggers, which neither a mask nor an additive δ expresses: the global rows missed WaNet
-  at most scan seeds of the detection table).
+  (WaNet-style warping triggers, which neither a mask nor an additive δ expresses: without these rows the detection
+  table found WaNet's target at none of 12 scans; with them at all 12).
 
 Calibration: a class that is naturally easy to reach (MNIST 2 and 8, Fashion-MNIST Bag/Shirt) is easy on every
 model trained on the same data, so each class is compared with ITSELF on a per-job benign reference -- the
