@@ -125,10 +125,10 @@ def capped_status(before: dict, after: dict) -> str:
     the per-class scores a row records: suspected when a capped patch/global/warp score reaches 1 or the capped shift row
     does with pairs found; inconclusive in the band or when the recorded verdict was inconclusive for another reason
     (too little data, unreliable reference); else not_suspected. Rows judged with the cap already are unchanged."""
-    from nba_core.verdict import INCONCLUSIVE_BAND, cap_at
+    from nba_core.verdict import INCONCLUSIVE_BAND, PER_CLASS_FAMILIES, cap_at
 
     scores, _ = cap_at(after["scores"], before["scores"])
-    if any(v >= 1 for f in ("patch", "global", "warp") for v in scores.get(f, [])) or (scores["shift"][0] >= 1 and after["pairs"]):
+    if any(v >= 1 for f in PER_CLASS_FAMILIES for v in scores.get(f, [])) or (scores["shift"][0] >= 1 and after["pairs"]):
         return "suspected"
     top = max(max(v) for v in scores.values())
     if top >= INCONCLUSIVE_BAND or (after["status"] == "inconclusive" and after["score"] < INCONCLUSIVE_BAND):

@@ -241,6 +241,49 @@ def scan_universal_triggers(model: nn.Module, x_clean: torch.Tensor, y_clean: to
 
 
 @dataclass
+class _UniversalSetup:
+    """What every universal (one-per-class) scan shares: optimisation images, per-class pools of images of OTHER
+    classes, the K×b target labels, and the held-back images its success is measured on."""
+
+    device: torch.device
+    x_opt: torch.Tensor
+    pools: list[torch.Tensor]
+    targets: torch.Tensor
+    x_held: torch.Tensor
+    y_held: torch.Tensor
+
+
+def _universal_setup(model: nn.Module, x_clean, y_clean, num_classes: int, batch_size: int, held_back: float,
+                     generator: torch.Generator) -> _UniversalSetup:
+    device = next(model.parameters()).device
+    x = torch.as_tensor(x_clean).to(device, torch.float32)
+    y = torch.as_tensor(y_clean).to(device, torch.long)
+    opt_idx, held_idx = _split_held_back(y, held_back, generator)
+    y_opt = y[opt_idx]
+    pools = [torch.nonzero(y_opt != k).flatten() for k in range(num_classes)]
+    if any(len(p) == 0 for p in pools):
+        raise NBAError(INVALID_PARAMS, "scan needs images from at least two classes")
+    targets = torch.arange(num_classes, device=device).repeat_interleave(batch_size)
+    return _UniversalSetup(device, x[opt_idx], pools, targets, x[held_idx], y[held_idx])
+
+
+@torch.no_grad()
+def _held_back_success(model: nn.Module, setup: _UniversalSetup, num_classes: int,
+                       trigger: Callable[[torch.Tensor, int], torch.Tensor]) -> list[float]:
+    """Per class k: the share of held-back images of other classes that `trigger(images, k)` sends to k."""
+    rates = []
+    for k in range(num_classes):
+        xs = setup.x_held[setup.y_held != k]
+        if not len(xs):
+            rates.append(0.0)
+            continue
+        with autocast(setup.device):
+            pred = model(trigger(xs, k)).argmax(1)
+        rates.append(float((pred == k).float().mean()))
+    return rates
+
+
+@dataclass
 class PerturbationScan:
     """Per-class universal additive perturbations (L∞ ≤ eps) and how often each reaches its class."""
 
@@ -263,38 +306,22 @@ def scan_universal_perturbations(model: nn.Module, x_clean: torch.Tensor, y_clea
     the whole image rather than concentrated in a patch."""
     if steps < 1 or batch_size < 1 or not eps > 0 or not 0 < held_back < 1:
         raise NBAError(INVALID_PARAMS, "perturbation scan needs steps >= 1, batch_size >= 1, eps > 0")
-    device = next(model.parameters()).device
-    x = torch.as_tensor(x_clean).to(device, torch.float32)
-    y = torch.as_tensor(y_clean).to(device, torch.long)
-    opt_idx, held_idx = _split_held_back(y, held_back, generator)
-    x_opt, y_opt = x[opt_idx], y[opt_idx]
-    classes = list(range(num_classes))
-    pools = [torch.nonzero(y_opt != k).flatten() for k in classes]
-    if any(len(p) == 0 for p in pools):
-        raise NBAError(INVALID_PARAMS, "scan needs images from at least two classes")
-    targets = torch.tensor(classes, device=device).repeat_interleave(batch_size)
-    delta = torch.zeros(num_classes, *x.shape[1:], device=device)
+    su = _universal_setup(model, x_clean, y_clean, num_classes, batch_size, held_back, generator)
+    delta = torch.zeros(num_classes, *su.x_opt.shape[1:], device=su.device)
     step = 2.5 * eps / steps
     with eval_mode(model):
         for _ in range(steps):
             if should_cancel():
                 raise Cancelled()
-            idx = _sample(pools, batch_size, generator, device)  # K×b
+            idx = _sample(su.pools, batch_size, generator, su.device)  # K×b
             d = delta.clone().requires_grad_(True)
-            xb = (x_opt[idx] + d[:, None]).clamp(0, 1)
-            with autocast(device):
+            xb = (su.x_opt[idx] + d[:, None]).clamp(0, 1)
+            with autocast(su.device):
                 logits = model(xb.flatten(0, 1)).float()
-            loss = F.cross_entropy(logits, targets, reduction="sum")
+            loss = F.cross_entropy(logits, su.targets, reduction="sum")
             (g,) = torch.autograd.grad(loss, [d])
             delta = (delta - step * g.sign()).clamp(-eps, eps)
-        rates = []
-        with torch.no_grad():
-            xh, yh = x[held_idx], y[held_idx]
-            for k in classes:
-                xs = xh[yh != k]
-                with autocast(device):
-                    pred = model((xs + delta[k]).clamp(0, 1)).argmax(1)
-                rates.append(float((pred == k).float().mean()) if len(xs) else 0.0)
+        rates = _held_back_success(model, su, num_classes, lambda xs, k: (xs + delta[k]).clamp(0, 1))
     return PerturbationScan(deltas=delta.detach().cpu(), success_rate=rates, eps=eps)
 
 
@@ -334,39 +361,21 @@ def scan_universal_warps(model: nn.Module, x_clean: torch.Tensor, y_clean: torch
     every class on the benign reference and on benign models)."""
     if steps < 1 or batch_size < 1 or grid < 2 or not max_shift > 0 or not 0 < held_back < 1:
         raise NBAError(INVALID_PARAMS, "warp scan needs steps >= 1, batch_size >= 1, grid >= 2, max_shift > 0")
-    device = next(model.parameters()).device
-    x = torch.as_tensor(x_clean).to(device, torch.float32)
-    y = torch.as_tensor(y_clean).to(device, torch.long)
-    opt_idx, held_idx = _split_held_back(y, held_back, generator)
-    x_opt, y_opt = x[opt_idx], y[opt_idx]
-    classes = list(range(num_classes))
-    pools = [torch.nonzero(y_opt != k).flatten() for k in classes]
-    if any(len(p) == 0 for p in pools):
-        raise NBAError(INVALID_PARAMS, "scan needs images from at least two classes")
-    targets = torch.tensor(classes, device=device).repeat_interleave(batch_size)
-    control = (0.01 * torch.randn(num_classes, 2, grid, grid, generator=generator)).to(device).requires_grad_(True)
+    su = _universal_setup(model, x_clean, y_clean, num_classes, batch_size, held_back, generator)
+    control = (0.01 * torch.randn(num_classes, 2, grid, grid, generator=generator)).to(su.device).requires_grad_(True)
     opt = torch.optim.Adam([control], lr=lr)
     with eval_mode(model):
         for _ in range(steps):
             if should_cancel():
                 raise Cancelled()
-            idx = _sample(pools, batch_size, generator, device)  # K×b
-            xb = apply_warp(x_opt[idx].flatten(0, 1), control.repeat_interleave(batch_size, 0), max_shift)
-            with autocast(device):
+            idx = _sample(su.pools, batch_size, generator, su.device)  # K×b
+            xb = apply_warp(su.x_opt[idx].flatten(0, 1), control.repeat_interleave(batch_size, 0), max_shift)
+            with autocast(su.device):
                 logits = model(xb).float()
-            loss = F.cross_entropy(logits, targets)
+            loss = F.cross_entropy(logits, su.targets)
             (g,) = torch.autograd.grad(loss, [control])
             control.grad = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # a diverged model: no step
             opt.step()
-        rates = []
-        with torch.no_grad():
-            xh, yh = x[held_idx], y[held_idx]
-            for k in classes:
-                xs = xh[yh != k]
-                if not len(xs):
-                    rates.append(0.0)
-                    continue
-                with autocast(device):
-                    pred = model(apply_warp(xs, control[k : k + 1].detach(), max_shift)).argmax(1)
-                rates.append(float((pred == k).float().mean()))
+        rates = _held_back_success(model, su, num_classes,
+                                   lambda xs, k: apply_warp(xs, control[k : k + 1].detach(), max_shift))
     return WarpScan(controls=control.detach().cpu(), success_rate=rates, max_shift=max_shift)

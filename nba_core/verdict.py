@@ -61,6 +61,7 @@ REFERENCE_MIN_ACC, REFERENCE_TRIES = 0.8, 3  # accuracy on D relative to the sus
 FEW_IMAGES_SHRINK = {"shrink": 0.5, "noise": 0.01}
 # Thresholds per family, in the units of module doc (fitted on benign tuning models; docs/verdict.md).
 THRESHOLDS = {"patch": 1.0, "shift": 1.0, "global": 3.0, "warp": 3.0}
+PER_CLASS_FAMILIES = ("patch", "global", "warp")  # one score per class; "shift" is one row for the whole model
 MIN_LAND_SHARE = 0.5  # a source joins the label-shift pattern when the shift trigger sends most of it to one class
 INCONCLUSIVE_BAND = 0.8  # a model score in [0.8, 1) is "inconclusive": too close to call
 MIN_PER_CLASS = 2  # fewer clean images of some class than this: the scan cannot be trusted -> inconclusive
@@ -260,19 +261,15 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     patch_lr = [math.log(max(ref.patch_l1[i], 1e-3) / max(scan.patch_l1[i], 1e-3)) for i in range(k)]
     shift_lr = math.log(max(ref.shift_l1, 1e-3) / max(scan.shift_l1, 1e-3))
     c = float(np.median(patch_lr))
-    glob = [_logit(scan.global_success[i]) - _logit(ref.global_success[i]) for i in range(k)]
-    g0 = float(np.median(glob))
     scores = {"patch": [(v - c) / th["patch"] for v in patch_lr],
               "shift": [(shift_lr - c) / th["shift"]],
-              "global": [(v - g0) / th["global"] for v in glob]}
+              "global": _success_scores(scan.global_success, ref.global_success, th["global"])}
     if scan.warp_success and ref.warp_success:
-        warp = [_logit(scan.warp_success[i]) - _logit(ref.warp_success[i]) for i in range(k)]
-        w0 = float(np.median(warp))
-        scores["warp"] = [(v - w0) / th["warp"] for v in warp]
+        scores["warp"] = _success_scores(scan.warp_success, ref.warp_success, th["warp"])
     raised: list[str] = []
     if before is not None:
         scores, raised = cap_at(scores, before.scores)
-    per_class = [f for f in ("patch", "global", "warp") if f in scores]
+    per_class = [f for f in PER_CLASS_FAMILIES if f in scores]
     targets = sorted({i for i in range(k) if any(scores[f][i] >= 1 for f in per_class)},
                      key=lambda i: -max(scores[f][i] for f in per_class))
     pairs = []
@@ -308,6 +305,13 @@ def judge(scan: ModelScan, ref: ModelScan, *, too_little_data: str | None = None
     else:
         status = NOT_SUSPECTED
     return Verdict(status=status, targets=targets, pairs=pairs, score=score, scores=scores, reasons=reasons)
+
+
+def _success_scores(success: list[float], ref_success: list[float], threshold: float) -> list[float]:
+    """Per class: logit SR - logit SR_ref, less its median over classes, in threshold units (global, warp rows)."""
+    diff = [_logit(a) - _logit(b) for a, b in zip(success, ref_success)]
+    mid = float(np.median(diff))
+    return [(v - mid) / threshold for v in diff]
 
 
 def cap_at(scores: dict[str, list[float]], ceiling: dict[str, list[float]],
@@ -386,7 +390,7 @@ class VerdictSession:
 
 def compare(before: dict, after: dict) -> dict:
     """What changed between the before- and after-verdict, on the SAME classes (those flagged before)."""
-    fams = [f for f in ("patch", "global", "warp") if f in before["scores"] and f in after["scores"]]
+    fams = [f for f in PER_CLASS_FAMILIES if f in before["scores"] and f in after["scores"]]
     classes = sorted(set(before.get("targets", [])) | {p[1] for p in before.get("pairs", [])})
     rows = [{"class": c, **{f"{f}_before": before["scores"][f][c] for f in fams},
              **{f"{f}_after": after["scores"][f][c] for f in fams}} for c in classes]
