@@ -97,7 +97,10 @@ def parse_overrides(text: str) -> dict:
         if value in ("true", "false"):
             params[key] = value == "true"
         else:
-            params[key] = float(value) if any(c in value for c in ".e") else int(value)
+            try:
+                params[key] = float(value) if any(c in value for c in ".e") else int(value)
+            except ValueError:  # a word: pseudo=off
+                params[key] = value
     return params
 
 

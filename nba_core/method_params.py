@@ -113,6 +113,7 @@ PARAMS: dict[str, dict[str, Param]] = {
             "uap_steps": STEPS, "stack_delta": BOOL, "pair_patches": BOOL, "warp_pseudo": BOOL,
             "pseudo_steps": _i(0, 1000), "beta": WEIGHT,
             "gamma": WEIGHT, "kl_weight": WEIGHT, "pseudo_ce": WEIGHT, "suspect_kd": WEIGHT, "teacher_kd": WEIGHT,
+            "unflagged_pseudo_weight": WEIGHT,
             "kd_temperature": _f(0.1, 100.0), "student_epochs": EPOCHS, "min_student_images": _i(0, 10_000_000), "student_lr": LR,
             "student_shift": SHIFT, "batch_size": BATCH, "pseudo_mix": BOOL, "holdout_fraction": _f(0.0, 0.89)},
 }

@@ -193,3 +193,37 @@ def test_a_small_clean_set_gets_more_student_epochs_unless_the_user_set_them(set
     assert res.info["student_epochs"] == 40 and res.info["chosen_epoch"] == 40
     assert get_defense("nba", {"student_epochs": 2}).config.min_student_images == 0
     assert get_defense("nba").config.min_student_images == 4000
+
+
+def _handed_verdict(status: str, k: int = 10):
+    """A scan of 8×8 digits and a verdict on it as the pipeline hands them over (class 3 most suspicious)."""
+    from nba_core.verdict import ModelScan, Verdict
+
+    g = torch.Generator().manual_seed(0)
+    scan = ModelScan(patch_l1=[5.0] * k, shift_l1=9.0, source_lands=list(range(1, k)) + [0],
+                     source_land_share=[0.1] * k, global_success=[0.1] * k,
+                     masks=torch.rand(k + 1, 1, 8, 8, generator=g) * 0.2, patterns=torch.rand(k + 1, 1, 8, 8, generator=g),
+                     deltas=torch.rand(k, 1, 8, 8, generator=g) * 0.1)
+    scores = {"patch": [0.9 if c == 3 else 0.1 for c in range(k)], "global": [0.2] * k, "shift": [0.0]}
+    targets = [3] if status == "suspected" else []
+    return Verdict(status, targets, [], 1.5 if targets else 0.5, scores), scan
+
+
+def test_a_not_suspected_verdict_scales_the_pseudo_samples_by_unflagged_pseudo_weight(setup):
+    model, clean, _, _ = setup
+    fast = {"teacher_epochs": 1, "student_epochs": 2}
+
+    def weights(status, **params):
+        res = get_defense("nba", {**fast, **params}).run(model, clean, _ctx(verdict=_handed_verdict(status)))
+        return res.info, res.model.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    info_off, off = weights("not_suspected", unflagged_pseudo_weight=0.0)
+    assert info_off["pseudo_weight"] == 0.0
+    assert same(off, weights("not_suspected", pseudo="off")[1])  # weight 0: exactly no pseudo samples
+    info_full, full = weights("not_suspected")
+    assert info_full["pseudo_weight"] == 1.0 and info_full["suspect_classes"] == [3] and not same(full, off)
+    # A verdict that flags something always gets the full unlearning, whatever the factor.
+    assert same(weights("suspected")[1], weights("suspected", unflagged_pseudo_weight=0.0)[1])
