@@ -68,16 +68,21 @@ def load_or_make(kind: str, seed: int, dataset: str = "mnist5k", arch: str = "sm
     model = prepare_model(load_model(folder / "model.safetensors", spec), pick_device(device))
 
     def asr(m) -> float:
-        from nba_core.metrics import attack_success_rate
         from nba_core.train import predict
 
         if kind == "badnets_all2all":
             pred = predict(m, trig[0].x).cpu().numpy()
             return float((pred == (trig[0].y + 1) % spec.num_classes).mean())
-        return max(attack_success_rate(m, t.x, t.y, k) for k, t in zip(meta["targets"], trig))
+        return max(asr_each(m))
+
+    def asr_each(m) -> list[float]:
+        """Per trigger (the two-target case has two), in the order of meta["targets"]."""
+        from nba_core.metrics import attack_success_rate
+
+        return [attack_success_rate(m, t.x, t.y, k) for k, t in zip(meta["targets"], trig)]
 
     return SimpleNamespace(kind=kind, seed=seed, spec=spec, model=model, clean=load("clean_subset.npz"),
-                           test=load("test.npz"), asr=asr, meta=meta)
+                           test=load("test.npz"), asr=asr, asr_each=asr_each, meta=meta)
 
 
 if __name__ == "__main__":  # warm the cache: python -m bench.detect_models KIND:SEED ...

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"dataset": args.dataset, "kind": kind, "seed": seed, "variant": name,
                            "overrides": overrides, "forced_miss": args.forced_miss, "verdict": true_status, "targets": verdict.targets,
                            "asr_before": r.asr(r.model), "asr_after": r.asr(res.model), "ca_before": ca0,
+                           "asr_after_each": r.asr_each(res.model) if r.kind != "badnets_all2all" else None,
                            "ca_drop": ca0 - clean_accuracy(res.model, r.test.x, r.test.y),
                            "suspects": res.info.get("suspect_classes"), "uap_suspects": res.info.get("uap_suspects"),
                            "seconds": time.perf_counter() - t0, "commit": commit}

@@ -110,7 +110,7 @@ PARAMS: dict[str, dict[str, Param]] = {
             "pseudo": Param(str, choices=("off", "per_sample", "universal", "class_scan", "class_scan+universal")),
             "scan_steps": STEPS, "scan_batch": BATCH, "top_k": _i(1, 1000), "refresh_every": _i(0, 1000),
             "refresh_steps": STEPS, "eps": _f(0.0, 1.0), "scan_eps": _f(0.0, 1.0), "uap_top_k": _i(1, 1000),
-            "uap_steps": STEPS, "stack_delta": BOOL, "pair_patches": BOOL, "warp_pseudo": BOOL,
+            "uap_steps": STEPS, "stack_delta": BOOL, "pair_patches": BOOL, "warp_pseudo": BOOL, "target_deltas": BOOL,
             "pseudo_steps": _i(0, 1000), "beta": WEIGHT,
             "gamma": WEIGHT, "kl_weight": WEIGHT, "pseudo_ce": WEIGHT, "suspect_kd": WEIGHT, "teacher_kd": WEIGHT,
             "unflagged_pseudo_weight": WEIGHT,

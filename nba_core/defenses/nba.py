@@ -63,6 +63,8 @@ class NBAConfig:
     # at CA drops 0.8/3.3/0.7/0.1 -> 0.2/2.4/0.8/0.3. Models without flagged pairs are untouched by it.
     pair_patches: bool = param(True, "when label-shift pairs are flagged: also the patch trigger and a universal "
                                "perturbation of every class they land in")
+    target_deltas: bool = param(False, "every flagged target also gets a universal perturbation (not only the "
+                                "global-flagged or most global-suspicious class)")
     refresh_every: int = param(0, "epochs between re-optimising the suspect triggers against the student (0 = never)")
     refresh_steps: int = param(10, "optimisation steps of each trigger refresh")
     eps: float = param(0.1, "L-infinity bound (pixels) of the per-sample / universal perturbation")
@@ -168,7 +170,7 @@ class Suspects:
 
     @classmethod
     def from_verdict(cls, verdict: Verdict, scan: ModelScan, *, top_k: int = 1, uap_top_k: int = 1,
-                     pair_patches: bool = False) -> "Suspects":
+                     pair_patches: bool = False, target_deltas: bool = False) -> "Suspects":
         k = scan.num_classes
         patch = list(verdict.targets)
         landing = sorted({t for _, t in verdict.pairs} - set(patch)) if pair_patches else []
@@ -181,6 +183,8 @@ class Suspects:
             range(k), key=lambda c: -verdict.scores["global"][c])[:uap_top_k]
         if uap_top_k > 0:  # 0: the caller switched the δ off (pseudo="class_scan")
             glob += [c for c in landing if c not in glob]
+            if target_deltas:
+                glob += [c for c in verdict.targets if c not in glob]
         rows = list(patch) + ([k] if verdict.pairs else [])
         warped = [c for c in verdict.targets if verdict.scores.get("warp", [0.0] * k)[c] >= 1]
         has_warps = bool(warped) and scan.warps is not None
@@ -439,7 +443,7 @@ class NBA(Defense):
                                       verdict.pairs, verdict.score, verdict.scores)
                 suspects = Suspects.from_verdict(verdict, scan, top_k=cfg.top_k,
                                                  uap_top_k=cfg.uap_top_k if cfg.pseudo != "class_scan" else 0,
-                                                 pair_patches=cfg.pair_patches)
+                                                 pair_patches=cfg.pair_patches, target_deltas=cfg.target_deltas)
                 info["suspect_classes"] = suspects.classes
                 info["uap_suspects"] = suspects.delta_classes
                 info["warp_suspects"] = list(suspects.warp_classes) if cfg.warp_pseudo else []
