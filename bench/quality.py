@@ -143,6 +143,11 @@ def append_row(path: Path, row: dict) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def needs_verdict(defenses, dataset: str, arch: str) -> bool:
+    """Whether any of the rows is NBA (a `method:tuned` row resolves through this suite's tuning file)."""
+    return any(defense_params(d, dataset, arch)[0] == "nba" for d in defenses)
+
+
 def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[str, ...], device: str,
              threads: int, rows_path: Path | None = None, commit: str | None = None) -> list[dict]:
     """Backdoor one model, then run every given defense on it. Runs in a worker process; with `rows_path` each
@@ -164,7 +169,7 @@ def run_unit(dataset: str, arch: str, attack: str, seed: int, defenses: tuple[st
     # NBA takes its suspects from the trigger-free verdict, as in the CLI and the service (pipeline.sanitize hands
     # the before-verdict over): computed once per unit, its time added to every NBA row (other defenses ignore it).
     verdict, verdict_seconds = None, 0.0
-    if any(defense_params(d)[0] == "nba" for d in defenses if d not in skipped):
+    if needs_verdict([d for d in defenses if d not in skipped], dataset, arch):
         from nba_core.verdict import VerdictSession
 
         t0 = time.perf_counter()
@@ -234,7 +239,11 @@ def run_units(dataset: str, arch: str, units: list, rows_path: Path, *, device: 
                    for a, s, todo in units}
         for fut in as_completed(futures):
             a, s = futures[fut]
-            fut.result()  # the worker has appended its rows already
+            try:
+                fut.result()  # the worker has appended its rows already
+            except BaseException:  # fail now, not after every queued unit has trained its model and failed too
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             print(f"  done {a} seed {s} after {time.perf_counter() - t0:.0f} s", flush=True)
     log = RowLog(rows_path, KEY)  # re-read: the workers wrote the new rows
     first: dict = {}

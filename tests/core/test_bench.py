@@ -103,6 +103,14 @@ def test_tuning_selects_the_best_mean_der_ties_to_the_default_and_tuned_rows_rea
     assert defense_params("ft:tuned", "mnist5k", "small_cnn") == ("ft", {"lr": 0.05})
     assert defense_params("ft:epochs=1,lr=0.001") == ("ft", {"epochs": 1, "lr": 0.001})
     assert defense_params("ibau:authors") == ("ibau", {"preset": "authors"})
+    # A unit asks whether it needs NBA's verdict through the same suite-aware lookup (a ':tuned' row once made every
+    # unit fail after training its model).
+    from bench.quality import needs_verdict
+
+    chosen["nba"] = {"row": "nba:suspect_kd=2.0", "params": {"suspect_kd": 2.0}}
+    tuning.tuning_path("mnist5k", "small_cnn").write_text(json.dumps({"chosen": chosen}))
+    assert needs_verdict(["ft:tuned", "nba:tuned"], "mnist5k", "small_cnn")
+    assert not needs_verdict(["ft:tuned", "ibau:authors"], "mnist5k", "small_cnn")
 
 
 def test_verdict_stability_refuses_reported_seeds_and_counts_flips():
