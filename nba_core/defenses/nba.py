@@ -98,12 +98,13 @@ class NBAConfig:
     # When the verdict handed over is not_suspected, the pseudo triggers are only the most suspicious classes of a
     # model with no flagged class: insurance against a missed backdoor, paid for in clean accuracy on benign models.
     # Tuning seeds (docs/benchmarks/nba_unflagged_tuning.md): factor 1 / 0.5 / 0.25 / 0 cost the benign models
-    # 10-13 up to 2.4 / 1.6 / 1.4 / 0.8 CA points (mean 1.08 / 0.60 / 0.53 / 0.20); only 0 keeps every one within
-    # the 1-point do-no-harm goal. The price, measured by handing backdoored tuning models a verdict with its flags
-    # removed: ASR left 0.1-2.4 % at 1, 0.1-13.6 % at 0.5, 23-100 % at 0. An inconclusive verdict keeps factor 1.
-    unflagged_pseudo_weight: float = param(0.0, "factor on the pseudo-sample losses when the verdict is "
-                                           "not_suspected (nothing flagged; 0 = no pseudo samples then, 1 = the "
-                                           "top_k / uap_top_k classes as insurance)")
+    # 10-13 up to 2.4 / 1.6 / 1.4 / 0.8 CA points (mean 1.08 / 0.60 / 0.53 / 0.20); handed a verdict with its flags
+    # removed, twelve backdoored tuning models kept 0.1-2.4 % ASR at 1, 0.1-13.6 % at 0.5, 23-100 % at 0. Factor 0
+    # was the default for a few hours and was reverted: a reported Blended model whose verdict is not_suspected
+    # (0.60) then kept 100 % ASR (a tuned-row run of the MNIST quality table; docs/nba.md). Insurance stays on.
+    unflagged_pseudo_weight: float = param(1.0, "factor on the pseudo-sample losses when the verdict is "
+                                           "not_suspected (nothing flagged; 1 = the top_k / uap_top_k classes as "
+                                           "insurance, 0 = no pseudo samples then: less CA lost on benign models)")
     # KL(B(x) ‖ S(x)) at temperature kd_temperature on CLEAN inputs, B = the suspect model: its clean-input
     # behaviour is its best feature (highest CA), so it anchors S's accuracy while x̃ does the unlearning.
     # Validated on tuning seeds 10-11 (never the table's seeds 0-2), six attacks: weight 1 took the average CA drop

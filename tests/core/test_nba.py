@@ -220,11 +220,11 @@ def test_a_not_suspected_verdict_scales_the_pseudo_samples_by_unflagged_pseudo_w
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    info_off, off = weights("not_suspected")  # the default: factor 0
+    info_off, off = weights("not_suspected", unflagged_pseudo_weight=0.0)
     assert info_off["pseudo_weight"] == 0.0
     assert same(off, weights("not_suspected", pseudo="off")[1])  # factor 0: exactly no pseudo samples
-    info_full, full = weights("not_suspected", unflagged_pseudo_weight=1.0)
+    info_full, full = weights("not_suspected")  # the default: factor 1, the insurance
     assert info_full["pseudo_weight"] == 1.0 and info_full["suspect_classes"] == [3] and not same(full, off)
     # A verdict that flags something (or is inconclusive) always gets the full unlearning, whatever the factor.
-    assert same(weights("suspected")[1], weights("suspected", unflagged_pseudo_weight=1.0)[1])
+    assert same(weights("suspected")[1], weights("suspected", unflagged_pseudo_weight=0.0)[1])
     assert weights("inconclusive")[0].get("pseudo_weight") is None
