@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = load_or_make(kind, seed, dataset=args.dataset)
                 session = V.VerdictSession(r.model, r.clean.x, r.clean.y, num_classes=r.spec.num_classes, seed=0)
                 verdict, scan = session.judge(r.model)
-                true_status = verdict.status
+                true_status, true_targets = verdict.status, verdict.targets
                 if args.forced_miss:
                     verdict = V.Verdict("not_suspected", [], [], verdict.score, verdict.scores)
                 ca0 = clean_accuracy(r.model, r.test.x, r.test.y)
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     res = get_defense("nba", overrides).run(r.model, r.clean, ctx)
                     row = {"dataset": args.dataset, "kind": kind, "seed": seed, "variant": name,
-                           "overrides": overrides, "forced_miss": args.forced_miss, "verdict": true_status, "targets": verdict.targets,
+                           "overrides": overrides, "forced_miss": args.forced_miss, "verdict": true_status,
+                           "targets": true_targets,  # the real verdict's, also under --forced-miss
                            "asr_before": r.asr(r.model), "asr_after": r.asr(res.model), "ca_before": ca0,
                            "asr_after_each": r.asr_each(res.model) if r.kind != "badnets_all2all" else None,
                            "ca_drop": ca0 - clean_accuracy(res.model, r.test.x, r.test.y),
